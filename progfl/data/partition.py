@@ -1,0 +1,118 @@
+"""Ways to split one training set across simulated devices.
+
+Every function returns a list of sorted int64 index arrays, one per device,
+pairwise disjoint. All but ``shards`` cover every sample. Randomness comes only
+from the numpy Generator passed in, so a seed reproduces a partition exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import DataError
+
+
+def _check(n_samples: int, n_devices: int) -> None:
+    if n_devices < 1:
+        raise DataError(f"n_devices must be >= 1, got {n_devices}")
+    if n_devices > n_samples:
+        raise DataError(f"cannot split {n_samples} samples across {n_devices} devices")
+
+
+def iid(y: np.ndarray, n_devices: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Uniformly random, equal-size (+-1) parts: the homogeneous baseline."""
+    _check(len(y), n_devices)
+    perm = rng.permutation(len(y))
+    return [np.sort(p).astype(np.int64) for p in np.array_split(perm, n_devices)]
+
+
+def dirichlet(
+    y: np.ndarray,
+    n_devices: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 10,
+    max_tries: int = 100,
+) -> list[np.ndarray]:
+    """Label-skewed split (Hsu et al. 2019; the NIID-Bench variant).
+
+    For every class, device shares are drawn from Dir(alpha); devices that
+    already hold more than N/n_devices samples get no more. Small alpha ->
+    few classes per device. Redraws until every device has ``min_size``
+    samples; after ``max_tries`` failed draws raises DataError.
+    """
+    y = np.asarray(y)
+    n = len(y)
+    _check(n, n_devices)
+    if alpha <= 0:
+        raise DataError(f"alpha must be > 0, got {alpha}")
+    if min_size * n_devices > n:
+        raise DataError(f"min_size={min_size} x {n_devices} devices exceeds {n} samples")
+    classes = np.unique(y)
+    for _ in range(max_tries):
+        parts: list[list[int]] = [[] for _ in range(n_devices)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(y == c))
+            p = rng.dirichlet(np.full(n_devices, alpha))
+            p = p * np.array([len(d) < n / n_devices for d in parts])
+            total = p.sum()
+            p = p / total if total > 0 else np.full(n_devices, 1.0 / n_devices)
+            cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
+            for d, chunk in zip(parts, np.split(idx, cuts)):
+                d.extend(chunk.tolist())
+        if min(len(d) for d in parts) >= min_size:
+            return [np.sort(np.asarray(d, np.int64)) for d in parts]
+    raise DataError(
+        f"dirichlet(alpha={alpha}) gave a device fewer than {min_size} samples "
+        f"in {max_tries} tries; raise alpha or lower min_size/n_devices"
+    )
+
+
+def shards(
+    y: np.ndarray, n_devices: int, shards_per_device: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Pathological non-IID split of McMahan et al. 2017.
+
+    Samples are sorted by label (random order within a class), cut into
+    ``n_devices * shards_per_device`` equal shards and dealt out at random.
+    The last ``N mod n_shards`` sorted samples are dropped, so this partition
+    may not cover the whole dataset.
+    """
+    y = np.asarray(y)
+    if shards_per_device < 1:
+        raise DataError(f"shards_per_device must be >= 1, got {shards_per_device}")
+    n_shards = n_devices * shards_per_device
+    _check(len(y), n_devices)
+    size = len(y) // n_shards
+    if size == 0:
+        raise DataError(f"{len(y)} samples are too few for {n_shards} shards")
+    perm = rng.permutation(len(y))
+    order = perm[np.argsort(y[perm], kind="stable")][: n_shards * size]
+    pieces = order.reshape(n_shards, size)
+    dealt = rng.permutation(n_shards).reshape(n_devices, shards_per_device)
+    return [np.sort(pieces[row].reshape(-1)).astype(np.int64) for row in dealt]
+
+
+def by_group(groups: np.ndarray, n_devices: int) -> list[np.ndarray]:
+    """Natural split by owner (FEMNIST writer): no group is ever cut in two.
+
+    With as many devices as groups each device is one writer; with fewer,
+    whole writers are packed onto devices, biggest first onto the device with
+    fewest samples, to keep sizes balanced. Deterministic (no randomness).
+    """
+    groups = np.asarray(groups) if groups is not None else np.zeros(0)
+    if groups.ndim != 1 or len(groups) == 0:
+        raise DataError("by_group needs a non-empty 1-D group id per sample (dataset has no groups?)")
+    ids, counts = np.unique(groups, return_counts=True)
+    if n_devices < 1:
+        raise DataError(f"n_devices must be >= 1, got {n_devices}")
+    if n_devices > len(ids):
+        raise DataError(f"cannot split {len(ids)} groups across {n_devices} devices")
+    load = np.zeros(n_devices, np.int64)
+    device_of = np.empty(len(ids), np.int64)  # indexed like ids
+    for k in np.argsort(-counts, kind="stable"):
+        d = int(np.argmin(load))
+        device_of[k] = d
+        load[d] += counts[k]
+    dev = device_of[np.searchsorted(ids, groups)]
+    return [np.flatnonzero(dev == d).astype(np.int64) for d in range(n_devices)]

@@ -1,0 +1,143 @@
+"""Per-device shard files: what the server hands to each device.
+
+Devices only ever need ``x``/``y`` arrays, so shards are plain ``.npz`` files
+(numpy only, no pickle). A shard folder appears atomically (written beside
+``out_dir`` then renamed), so a crash never leaves a half-written set that a
+later run would mistake for a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ._common import Dataset
+from .errors import DataError
+
+INDEX_FILE = "index.json"
+
+
+def _shard_name(i: int) -> str:
+    return f"device_{i:04d}.npz"
+
+
+def write_shards(dataset: Dataset, parts: list[np.ndarray], out_dir: str | Path) -> list[Path]:
+    """Write ``device_0000.npz``... (x float32, y int64) and ``index.json``.
+
+    Refuses a non-empty existing ``out_dir`` and empty parts. Returns the shard
+    paths in device order (inside the final ``out_dir``).
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: output folder exists and is not empty")
+    n = len(dataset)
+    for i, p in enumerate(parts):
+        p = np.asarray(p)
+        if p.ndim != 1 or len(p) == 0:
+            raise DataError(f"part {i}: empty or not a 1-D index array")
+        if p.dtype.kind not in "iu" or p.min() < 0 or p.max() >= n:
+            raise DataError(f"part {i}: indices must be integers in [0, {n})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hists: list[list[int]] = []
+        for i, p in enumerate(parts):
+            y = dataset.y[p].astype(np.int64)
+            np.savez(tmp / _shard_name(i), x=dataset.x[p].astype(np.float32, copy=False), y=y)
+            hists.append(np.bincount(y, minlength=dataset.num_classes).tolist())
+        index = {
+            "dataset": dataset.name,
+            "num_classes": dataset.num_classes,
+            "num_devices": len(parts),
+            "input_shape": list(dataset.x.shape[1:]),
+            "mean": dataset.mean.tolist(),
+            "std": dataset.std.tolist(),
+            "files": [_shard_name(i) for i in range(len(parts))],
+            "counts": [int(len(p)) for p in parts],
+            "label_histograms": hists,
+        }
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / _shard_name(i) for i in range(len(parts))]
+
+
+def _open_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
+        with z:
+            return {k: z[k] for k in z.files}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: unreadable .npz ({e})") from None
+
+
+def _check_xy(path: Path, d: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    missing = [k for k in ("x", "y") if k not in d]
+    if missing:
+        raise DataError(f"{path}: missing array(s) {', '.join(missing)} (has {sorted(d)})")
+    x, y = d["x"], d["y"]
+    if x.dtype != np.float32 or x.ndim != 4:
+        raise DataError(f"{path}: x must be float32 4-D, got {x.dtype} {x.ndim}-D")
+    if y.dtype.kind not in "iu" or y.ndim != 1:
+        raise DataError(f"{path}: y must be integer 1-D, got {y.dtype} {y.ndim}-D")
+    if len(x) != len(y):
+        raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    if len(y) == 0:
+        raise DataError(f"{path}: empty data shard")
+    return x, y.astype(np.int64, copy=False)
+
+
+def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load one device shard -> (x float32 N,C,H,W; y int64 N), validated."""
+    p = Path(path)
+    return _check_xy(p, _open_npz(p))
+
+
+def write_dataset(ds: Dataset, path: str | Path) -> Path:
+    """Save a whole Dataset (e.g. the held-out test set) as one .npz, atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"x": ds.x, "y": ds.y, "mean": ds.mean, "std": ds.std,
+              "num_classes": np.int64(ds.num_classes), "name": np.str_(ds.name)}
+    if ds.groups is not None:
+        arrays["groups"] = ds.groups
+    if ds.group_names is not None:
+        arrays["group_names"] = np.asarray(ds.group_names, dtype=np.str_)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", suffix=".npz", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Load a Dataset written by ``write_dataset``; errors are DataError."""
+    p = Path(path)
+    d = _open_npz(p)
+    x, y = _check_xy(p, d)
+    for k in ("mean", "std", "num_classes", "name"):
+        if k not in d:
+            raise DataError(f"{p}: missing array {k!r} (not written by write_dataset?)")
+    names = d["group_names"].tolist() if "group_names" in d else None
+    return Dataset(x, y, int(d["num_classes"]), str(d["name"]), d["mean"], d["std"],
+                   d.get("groups"), names)

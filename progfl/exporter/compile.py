@@ -1,0 +1,209 @@
+"""Compile one stage: torch graphs -> ONNX -> ONNX Runtime training artifacts, with the 1.19.2 fixes applied.
+
+Artifacts are compiled once per stage. Every file keeps the global parameter names as initializer names,
+so a device sets the round's weights by name (prefix: session initializers; trainable part: the flat
+buffer in the order recorded in the manifest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from ..manifest import ParamSpec, Stage, TensorSpec, file_ref
+from ..models.base import BlockModel
+from ..models.stages import NeuLiteWeights, StageSpec, build_stage
+from .fixes import cap_ir_file, cap_ir_version, expose_bn_statistics, fix_eval_model, initializer_names, weights_as_inputs
+
+OPSETS = range(17, 22)  # generate_artifacts refuses 22+; older opsets lack ops the graphs use
+
+
+@dataclass
+class OptimizerConfig:
+    """SGD with momentum and coupled weight decay (the papers), or AdamW with torch's semantics.
+
+    ORT's SGD has neither momentum nor weight decay, so SGD runs on the AdamW kernel with betas=(mu, 1),
+    eps=1, no bias correction and lr/(1-mu); weight decay becomes wd/2 ||p||^2 inside the loss."""
+
+    name: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {self.name!r}: use sgd or adamw")
+        if not 0 <= self.momentum < 1:
+            raise ValueError("momentum must be in [0, 1)")
+
+    @property
+    def graph_weight_decay(self) -> float:
+        return self.weight_decay if self.name == "sgd" else 0.0
+
+    def block(self):
+        from onnxruntime.training import onnxblock
+
+        if self.name == "sgd":
+            return onnxblock.optim.AdamW(bias_correction=False, betas=(self.momentum, 1.0), eps=1.0, weight_decay=0.0)
+        return onnxblock.optim.AdamW(bias_correction=True, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+    def record(self) -> dict:
+        lr_scale = 1.0 / (1.0 - self.momentum) if self.name == "sgd" else 1.0
+        return {"name": self.name, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "betas": list(self.betas), "eps": self.eps, "lr_scale": lr_scale}
+
+
+def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
+            opset: int, training: bool) -> onnx.ModelProto:
+    """torch's legacy exporter: keeps parameter names and trainable BatchNorm (the dynamo one folds BN away)."""
+    mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
+    module.train(training)
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
+            training=mode, do_constant_folding=False, dynamo=False,
+            dynamic_axes={n: {0: "batch"} for n in inputs + outputs[:2]},
+        )
+    model = onnx.load(str(path))
+    return model
+
+
+def _distinct_copy(model: BlockModel) -> BlockModel:
+    """A copy whose arrays all hold distinct values. torch's exporter merges initializers of equal value (fresh
+    BatchNorms: all ones, all zeros) behind Identity nodes, and their global names vanish from the file; the
+    values themselves do not matter, weights travel every round. The copy also spares the caller's BatchNorm
+    statistics, which a training-mode export moves."""
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=gen) * 0.1 + 0.95)
+    return model
+
+
+def _weights_as_inputs(path: Path, shapes: dict[str, list[int]]) -> list[str]:
+    model = onnx.load(str(path))
+    names = weights_as_inputs(model, set(shapes))
+    onnx.save(cap_ir_version(model), str(path))
+    return names
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """generate_artifacts prints transformer logs straight to fd 2 whatever the log level."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, opset: int,
+                  optimizer: OptimizerConfig, neulite: NeuLiteWeights, batch: int = 4) -> Stage:
+    from onnxruntime.training import artifacts
+
+    model = _distinct_copy(model)
+    shapes = {n: list(t.shape) for n, t in model.state_dict().items() if not n.endswith("num_batches_tracked")}
+    g = build_stage(model, spec, optimizer.graph_weight_decay, neulite)
+    folder = root / f"stage_{index:02d}_{spec.name}"
+    folder.mkdir()
+    files: dict[str, Path] = {}
+
+    torch.manual_seed(index)
+    x = torch.randn(batch, *model.input_shape)
+    with torch.no_grad():
+        g.inference.eval()
+        features = g.prefix.eval()(x) if g.prefix else x
+        teacher_logits = g.teacher.eval()(features) if g.teacher else None
+    session_params: dict[str, list[str]] = {}
+    for kind, graph, arg, inp, out in [("prefix", g.prefix, x, "inputs", "features"),
+                                        ("inference", g.inference, x, "inputs", "logits"),
+                                        ("teacher", g.teacher, features, "features", "logits")]:
+        if graph is not None:
+            files[kind] = folder / f"{kind}.onnx"
+            _export(graph, (arg,), [inp], [out], files[kind], opset, False)
+            session_params[kind] = _weights_as_inputs(files[kind], shapes)
+
+    labels = torch.randint(0, model.num_classes, (batch,))
+    values = {"features": features, "inputs": x, "labels": labels, "teacher": teacher_logits}
+    names = g.train.input_names()
+    base_path = folder / "base.onnx"
+    bn_variance = _bn_variance(g.train, [values[n] for n in names])
+    base = _export(g.train, tuple(values[n] for n in names), names, ["loss", "logits", "data_loss"], base_path, opset, True)
+    bn_updates = expose_bn_statistics(base)
+    trainable = {n for n, _ in g.train.trainable_parameters()}
+    in_graph = [n for n in initializer_names(base) if n in shapes]
+    onnx.save(base, str(base_path))
+    with _quiet_fd2():
+        artifacts.generate_artifacts(
+            str(base_path), requires_grad=[n for n in in_graph if n in trainable],
+            frozen_params=[n for n in in_graph if n not in trainable], loss=None,
+            optimizer=optimizer.block(), artifact_directory=str(folder),
+        )
+    base_path.unlink()
+    files.update(training=folder / "training_model.onnx", eval=folder / "eval_model.onnx",
+                 optimizer=folder / "optimizer_model.onnx", checkpoint=folder / "checkpoint")
+    fix_eval_model(files["eval"], set(bn_updates))
+    cap_ir_file(files["training"])
+    _fix_optimizer(files["optimizer"], optimizer)
+
+    training = onnx.load(str(files["training"]), load_external_data=False)
+    order = [i.name for i in training.graph.input if i.name in shapes]  # the flat buffer's order
+    feature_shape = [-1, *features.shape[1:]]
+    specs = {"features": feature_shape, "inputs": [-1, *model.input_shape], "labels": [-1],
+             "teacher": [-1, model.num_classes]}
+    return Stage(
+        index=index, name=spec.name, kind=spec.kind, block=spec.block, loss=spec.loss,
+        loss_config={"l1": g.train.l1, "l2": g.train.l2, "sigma": g.train.sigma} if spec.kind == "neulite" else {},
+        optimizer=optimizer.record(),
+        inputs=[TensorSpec(n, specs[n], "int64" if n == "labels" else "float32") for n in names],
+        feature=TensorSpec("features", feature_shape),
+        params=[ParamSpec(n, shapes[n], n in trainable) for n in order],
+        session_params=session_params, bn_updates=bn_updates, bn_variance=bn_variance,
+        files={k: file_ref(root, p) for k, p in files.items()},
+    )
+
+
+def _bn_variance(graph: torch.nn.Module, args: list) -> dict[str, list[float]]:
+    """Per BatchNorm: elements per channel per sample and momentum. ORT updates running_var with the biased batch
+    variance, torch with the unbiased one; the runtime corrects by n/(n-1) with n = batch x this count."""
+    found: dict[str, list[float]] = {}
+    hooks = [
+        mod.register_forward_hook(lambda m, i, o, name=name: found.__setitem__(
+            f"{name}.running_var", [float(i[0][0, 0].numel()), float(m.momentum or 0.1)]))
+        for name, mod in graph.named_modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    try:
+        with torch.no_grad():
+            graph.eval()(*args)  # eval: shapes only, statistics untouched
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _fix_optimizer(path: Path, optimizer: OptimizerConfig) -> None:
+    """Bug 3 (IR cap) and, for AdamW, torch's decoupled weight decay (adam_mode 0 is PyTorch's AdamW)."""
+    model = onnx.load(str(path))
+    if optimizer.name == "adamw":
+        for node in model.graph.node:
+            if node.op_type == "AdamWOptimizer":
+                for a in node.attribute:
+                    if a.name == "adam_mode":
+                        a.i = 0
+    model.ir_version = min(model.ir_version, 10)
+    onnx.save(model, str(path))

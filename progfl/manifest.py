@@ -1,0 +1,318 @@
+"""The contract between exporter, server and device: what a stage is made of, on disk and in messages.
+
+Pure standard library + numpy so the device runtime can import it without torch. Every record is a
+dataclass that round-trips through JSON; `Manifest.load` validates the schema before anyone trusts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STAGE_KINDS = ("grow", "distill", "neulite", "full")
+LOSSES = ("ce", "neulite", "mse")
+
+
+class ManifestError(ValueError):
+    """A manifest, an artifact or a message that does not satisfy the contract."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a directory's files (sorted by relative path) for a checkpoint folder."""
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class FileRef:
+    """A file (or checkpoint folder) of a stage, relative to the manifest's folder."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class TensorSpec:
+    """A graph input or output. A dimension of -1 is the batch (any size)."""
+
+    name: str
+    shape: list[int]
+    dtype: str = "float32"
+
+
+@dataclass
+class ParamSpec:
+    """A named array of the global model; `trainable` False means a frozen weight or a BatchNorm statistic."""
+
+    name: str
+    shape: list[int]
+    trainable: bool = True
+
+
+@dataclass
+class MemoryPoint:
+    """Peak memory of one stage at one micro-batch size: measured (VmHWM of a torch-free process) and estimated."""
+
+    batch: int
+    measured_mb: float | None
+    estimate_mb: float
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Sizing:
+    """How a device class runs a stage: micro-batch x accum_steps = the logical batch, or it cannot take part."""
+
+    device_class: str
+    budget_mb: float
+    micro_batch: int
+    accum_steps: int
+    peak_mb: float | None
+    fits: bool
+
+
+@dataclass
+class DeviceClass:
+    name: str
+    memory_mb: float
+
+
+@dataclass
+class Stage:
+    """One compiled stage: the frozen prefix (inference), the trainable part (ORT training artifacts)."""
+
+    index: int
+    name: str
+    kind: str
+    block: int
+    loss: str
+    loss_config: dict[str, float]
+    optimizer: dict[str, Any]
+    inputs: list[TensorSpec]  # user inputs of the training graph, in order
+    feature: TensorSpec  # what the prefix hands to the trainable part
+    params: list[ParamSpec]  # in the training graph's buffer order (what copy_buffer_to_parameters expects)
+    session_params: dict[str, list[str]]  # inference file (prefix, inference, teacher) -> global arrays it reads
+    bn_updates: dict[str, str]  # training-graph output name -> BatchNorm statistic it updates
+    bn_variance: dict[str, list[float]]  # running_var name -> [elements per channel per sample, torch momentum]
+    files: dict[str, FileRef]  # prefix, training, eval, optimizer, checkpoint, inference, teacher
+    memory: list[MemoryPoint] = field(default_factory=list)
+    sizing: list[Sizing] = field(default_factory=list)
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return [p.name for p in self.params if p.trainable]
+
+    @property
+    def updated_names(self) -> list[str]:
+        """Arrays a device sends back: what it trained plus the BatchNorm statistics it refreshed."""
+        return [p.name for p in self.params if p.trainable or p.name in self.bn_updates.values()]
+
+    def needed(self, manifest: Manifest) -> list[ParamSpec]:
+        """Every global array a device needs for this stage: the trainable part's and the inference files'."""
+        names = {p.name for p in self.params}.union(*self.session_params.values())
+        return [p for p in manifest.global_params if p.name in names]
+
+    def sizing_for(self, device_class: str) -> Sizing:
+        for s in self.sizing:
+            if s.device_class == device_class:
+                return s
+        raise ManifestError(f"stage {self.name}: no sizing for device class {device_class!r}")
+
+
+@dataclass
+class Manifest:
+    model: str
+    model_config: dict[str, Any]
+    input_shape: list[int]
+    num_classes: int
+    opset: int
+    batch_size: int
+    safety_margin: float
+    stages: list[Stage]
+    device_classes: list[DeviceClass]
+    global_params: list[ParamSpec]  # every array of the global model, for the server
+    schema_version: int = SCHEMA_VERSION
+    producer: str = "progfl"
+
+    def stage(self, key: int | str) -> Stage:
+        """A stage by index or by name ('grow-2', 'full')."""
+        for s in self.stages:
+            if s.index == key or s.name == key or str(s.index) == str(key):
+                return s
+        names = ", ".join(f"{s.index}:{s.name}" for s in self.stages)
+        raise ManifestError(f"no stage {key!r} in manifest (stages: {names})")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=False)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        write_atomic(path, self.to_json().encode())
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        try:
+            version = d["schema_version"]
+            if version != SCHEMA_VERSION:
+                raise ManifestError(f"manifest schema version {version}, this progfl reads {SCHEMA_VERSION}")
+            stages = [
+                Stage(
+                    **{
+                        **s,
+                        "inputs": [TensorSpec(**t) for t in s["inputs"]],
+                        "feature": TensorSpec(**s["feature"]),
+                        "params": [ParamSpec(**p) for p in s["params"]],
+                        "files": {k: FileRef(**f) for k, f in s["files"].items()},
+                        "memory": [MemoryPoint(**m) for m in s["memory"]],
+                        "sizing": [Sizing(**z) for z in s["sizing"]],
+                    }
+                )
+                for s in d["stages"]
+            ]
+            m = cls(
+                **{
+                    **d,
+                    "stages": stages,
+                    "device_classes": [DeviceClass(**c) for c in d["device_classes"]],
+                    "global_params": [ParamSpec(**p) for p in d["global_params"]],
+                }
+            )
+        except (KeyError, TypeError) as e:
+            raise ManifestError(f"manifest does not follow schema {SCHEMA_VERSION}: {e}") from None
+        m.validate()
+        return m
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Manifest:
+        path = Path(folder)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no manifest (run `progfl export` first)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ManifestError(f"{path}: not a manifest object")
+        return cls.from_dict(d)
+
+    def validate(self) -> None:
+        """Internal consistency: names unique, stage params known to the global model with the same shapes."""
+        shapes = {p.name: p.shape for p in self.global_params}
+        if len(shapes) != len(self.global_params):
+            raise ManifestError("manifest: duplicate global parameter names")
+        if [s.index for s in self.stages] != list(range(len(self.stages))):
+            raise ManifestError("manifest: stage indices must be 0..n-1 in order")
+        for s in self.stages:
+            if s.kind not in STAGE_KINDS or s.loss not in LOSSES:
+                raise ManifestError(f"stage {s.name}: unknown kind {s.kind!r} or loss {s.loss!r}")
+            for p in s.params:
+                if shapes.get(p.name) != p.shape:
+                    raise ManifestError(f"stage {s.name}: {p.name} {p.shape} not in the global model as such")
+            for kind, names in s.session_params.items():
+                if kind not in s.files or not set(names) <= shapes.keys():
+                    raise ManifestError(f"stage {s.name}: {kind} reads arrays the global model does not have")
+            if not set(s.bn_updates.values()) <= {p.name for p in s.params}:
+                raise ManifestError(f"stage {s.name}: BatchNorm update of an unknown parameter")
+            for need in ("training", "eval", "optimizer", "checkpoint", "inference"):
+                if need not in s.files:
+                    raise ManifestError(f"stage {s.name}: no {need} file")
+
+    def verify_files(self, folder: str | os.PathLike, stage: Stage | None = None) -> None:
+        """Check every file's sha256 (of one stage, or all): a corrupt or truncated artifact fails here."""
+        root = Path(folder)
+        for s in [stage] if stage else self.stages:
+            for kind, ref in s.files.items():
+                p = root / ref.path
+                if not p.exists():
+                    raise ManifestError(f"stage {s.name}: {kind} file {p} is missing")
+                if sha256_file(p) != ref.sha256:
+                    raise ManifestError(f"stage {s.name}: {kind} file {p} does not match its sha256 (corrupt or changed)")
+
+
+# ---- messages between server and device, transport-agnostic ----
+
+
+@dataclass
+class TrainTask:
+    """What the server sends a device for one round."""
+
+    round: int
+    stage: str
+    manifest_sha256: str
+    weights: dict[str, np.ndarray]  # prefix + trainable-part arrays of this stage
+    lr: float
+    epochs: int
+    batch_size: int
+    micro_batch: int
+    accum_steps: int
+    seed: int = 0
+    budget_mb: float | None = None
+
+
+@dataclass
+class TrainUpdate:
+    """What a device sends back: the arrays it trained (and BN statistics), how many samples, metrics."""
+
+    round: int
+    stage: str
+    weights: dict[str, np.ndarray]
+    num_samples: int
+    metrics: dict[str, float]
+
+
+def check_arrays(arrays: dict[str, np.ndarray], specs: list[ParamSpec], what: str) -> None:
+    """Names, shapes and finiteness of arrays against their specs: one clear error for the first mismatch."""
+    for p in specs:
+        if p.name not in arrays:
+            raise ManifestError(f"{what}: missing array {p.name}")
+        a = arrays[p.name]
+        if list(a.shape) != list(p.shape):
+            raise ManifestError(f"{what}: {p.name} has shape {list(a.shape)}, expected {p.shape}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ManifestError(f"{what}: {p.name} contains NaN or Inf")
+
+
+def file_ref(root: Path, path: Path) -> FileRef:
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    return FileRef(path=str(path.relative_to(root)), sha256=sha256_file(path), size=size)
+
+
+def mb(nbytes: float) -> float:
+    return math.ceil(nbytes / 2**20 * 10) / 10

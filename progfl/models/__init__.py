@@ -1,0 +1,19 @@
+"""Block-structured models (the zoo or your own nn.Sequential) and the stages progressive training cuts them into."""
+
+from .base import BlockModel, Classifier
+from .sequential import from_sequential
+from .stages import NeuLiteWeights, StageSpec, build_stage, default_stages, parse_stage_name
+from .zoo import ZOO, build_model
+
+__all__ = [
+    "BlockModel",
+    "Classifier",
+    "NeuLiteWeights",
+    "StageSpec",
+    "ZOO",
+    "build_model",
+    "build_stage",
+    "default_stages",
+    "from_sequential",
+    "parse_stage_name",
+]

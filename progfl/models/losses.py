@@ -1,0 +1,48 @@
+"""Losses computed inside the exported training graph (ORT then differentiates them as they are)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gaussian_kernel(a: torch.Tensor, sigma: float) -> torch.Tensor:
+    """K_ij = exp(-||a_i - a_j||^2 / (2 sigma^2 d)) on the flattened rows of a."""
+    a = a.flatten(1)
+    sq = (a * a).sum(dim=1, keepdim=True)
+    dist = torch.relu(sq + sq.t() - 2.0 * (a @ a.t()))
+    return torch.exp(-dist / (2.0 * sigma * sigma * a.shape[1]))
+
+
+def _centre(k: torch.Tensor) -> torch.Tensor:
+    """H K H with H = I - 11^T/m, written without building H."""
+    return k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
+
+
+def nhsic(a: torch.Tensor, b: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+    """Normalized HSIC(a, b) = HSIC(a,b) / sqrt(HSIC(a,a) HSIC(b,b)); the 1/(m-1)^2 factors cancel."""
+    ka, kb = _centre(gaussian_kernel(a, sigma)), _centre(gaussian_kernel(b, sigma))
+    return (ka * kb).sum() / torch.sqrt((ka * ka).sum() * (kb * kb).sum() + 1e-12)
+
+
+def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return (y.unsqueeze(1) == torch.arange(num_classes, device=y.device).unsqueeze(0)).float()
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return ((student - teacher) ** 2).mean()
+
+
+def l2_penalty(params: list[nn.Parameter], weight_decay: float) -> torch.Tensor | float:
+    """wd/2 * sum ||p||^2: its gradient is torch SGD's coupled weight decay, which ORT's optimizers lack."""
+    if weight_decay == 0 or not params:
+        return 0.0
+    total = (params[0] * params[0]).sum()
+    for p in params[1:]:
+        total = total + (p * p).sum()
+    return 0.5 * weight_decay * total

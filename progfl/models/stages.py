@@ -1,0 +1,230 @@
+"""Stages: what one phase of progressive training trains, what it keeps frozen in front, and its loss.
+
+A stage becomes up to four torch graphs, each a root module whose parameter names are the global
+names (so exported ONNX initializers carry them and weights move by name):
+  prefix     x -> features           frozen blocks, eval mode (a separate ORT inference session)
+  train      (features, ...) -> (loss, logits, data_loss)   the trainable part with its loss
+  inference  x -> logits             the whole model as this stage sees it, eval mode (server accuracy)
+  teacher    features -> logits      the real block + output module (ProFL's distillation target)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import BlockModel
+from .losses import cross_entropy, l2_penalty, mse, nhsic, one_hot
+
+KINDS = ("grow", "distill", "neulite", "full")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """kind: grow (block t + output module, CE), distill (ProFL: fit basic layer t to the real block's logits),
+    neulite (grow with the curriculum loss, co-adapting block t-1's last unit), full (everything, CE)."""
+
+    kind: str
+    block: int
+
+    @property
+    def name(self) -> str:
+        return "full" if self.kind == "full" else f"{self.kind}-{self.block}"
+
+    @property
+    def loss(self) -> str:
+        return {"grow": "ce", "full": "ce", "distill": "mse", "neulite": "neulite"}[self.kind]
+
+
+def parse_stage_name(name: str) -> StageSpec:
+    if name == "full":
+        return StageSpec("full", 0)
+    kind, _, block = name.partition("-")
+    if kind not in KINDS or not block.isdigit():
+        raise ValueError(f"bad stage name {name!r}: use grow-N, distill-N, neulite-N or full")
+    return StageSpec(kind, int(block))
+
+
+def default_stages(num_blocks: int, kinds: tuple[str, ...] = ("grow", "distill", "full")) -> list[StageSpec]:
+    """Stages in a stable order: grow-0..T-1, distill-1..T-1, neulite-0..T-1, full (those asked for)."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown stage kind(s) {sorted(unknown)}: choose from {', '.join(KINDS)}")
+    out = []
+    for kind in KINDS:
+        if kind not in kinds:
+            continue
+        if kind == "full":
+            out.append(StageSpec("full", 0))
+        else:
+            out += [StageSpec(kind, t) for t in range(1 if kind == "distill" else 0, num_blocks)]
+    return out
+
+
+@dataclass
+class NeuLiteWeights:
+    """Stage-wise l1 (input term) and l2 (label term). Unpublished: by default the input term fades and the
+    label term grows from the first block to the last (information-bottleneck reading)."""
+
+    l1: float = 0.1
+    l2: float = 0.1
+    sigma: float = 5.0
+
+    def at(self, t: int, num_blocks: int) -> tuple[float, float]:
+        return self.l1 * (num_blocks - t) / num_blocks, self.l2 * (t + 1) / num_blocks
+
+
+class Mirror(nn.Module):
+    """Registers the model's submodules at their own dotted paths, so names stay global; `m` is the model."""
+
+    def __init__(self, model: BlockModel, paths: list[str]):
+        super().__init__()
+        object.__setattr__(self, "m", model)  # not a submodule: its parameters would get a 'm.' prefix
+        for path in paths:
+            parent: nn.Module = self
+            *parents, leaf = path.split(".")
+            for p in parents:
+                if p not in parent._modules:
+                    parent.add_module(p, nn.ModuleDict())
+                parent = parent._modules[p]
+            parent.add_module(leaf, model.get_submodule(path))
+
+
+def _prefix_split(model: BlockModel, spec: StageSpec) -> tuple[list[str], str | None]:
+    """Frozen paths in front of the stage, and the unit of block t-1 that NeuLite co-adapts (if any)."""
+    t = spec.block
+    if spec.kind == "full" or t == 0:
+        return [], None
+    frozen = [f"blocks.{k}" for k in range(t - 1)]
+    last = model.blocks[t - 1]
+    if spec.kind == "neulite" and isinstance(last, nn.Sequential) and len(last) > 1:
+        frozen += [f"blocks.{t - 1}.{i}" for i in range(len(last) - 1)]
+        return frozen, f"blocks.{t - 1}.{len(last) - 1}"
+    return frozen + [f"blocks.{t - 1}"], None
+
+
+def _run(model: BlockModel, paths: list[str], h: torch.Tensor) -> torch.Tensor:
+    for p in paths:
+        h = model.get_submodule(p)(h)
+    return h
+
+
+class PrefixGraph(Mirror):
+    def __init__(self, model: BlockModel, paths: list[str]):
+        super().__init__(model, paths)
+        self.paths = paths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _run(self.m, self.paths, x)
+
+
+class TrainGraph(Mirror):
+    """The trainable part of a stage and its loss. Inputs: features, [inputs (raw x) | teacher], labels."""
+
+    def __init__(self, model: BlockModel, spec: StageSpec, weight_decay: float, neulite: NeuLiteWeights):
+        t, T = spec.block, model.T
+        self.spec, self.weight_decay = spec, weight_decay
+        self.coadapt = _prefix_split(model, spec)[1]
+        if spec.kind == "full":
+            self.trainable = ["blocks", "classifier"]
+        elif spec.kind == "distill":
+            self.trainable = [f"basics.{t}"]
+        else:
+            self.trainable = [f"blocks.{t}"] + [f"basics.{k}" for k in range(t + 1, T)] + ["classifier"]
+            if self.coadapt:
+                self.trainable.insert(0, self.coadapt)
+            if spec.kind == "neulite":
+                self.trainable.append("projector")
+        frozen = [f"basics.{k}" for k in range(t + 1, T)] + ["classifier"] if spec.kind == "distill" else []
+        super().__init__(model, self.trainable + frozen)
+        self.l1, self.l2 = neulite.at(t, T)
+        self.sigma = neulite.sigma
+        self.uses_raw_input = spec.kind == "neulite" and t > 0
+        self.frozen_in_graph = frozen
+
+    def input_names(self) -> list[str]:
+        extra = {"distill": ["teacher"], "neulite": ["inputs", "labels"] if self.uses_raw_input else ["labels"]}
+        return ["features", *extra.get(self.spec.kind, ["labels"])]
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        frozen = tuple(p + "." for p in self.frozen_in_graph)
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith(frozen)]
+
+    def forward(self, features: torch.Tensor, *rest: torch.Tensor):
+        m, t, kind = self.m, self.spec.block, self.spec.kind
+        if kind == "full":
+            h = m.run_blocks(features, 0, m.T)
+        elif kind == "distill":
+            h = m.head(m.basics[str(t)](features), t)
+        else:
+            h = features if self.coadapt is None else m.get_submodule(self.coadapt)(features)
+            h = m.head(m.blocks[t](h), t)
+        logits = m.classifier(h)
+        if kind == "distill":
+            data_loss = mse(logits, rest[0])
+        else:
+            labels = rest[-1]
+            data_loss = cross_entropy(logits, labels)
+            if kind == "neulite":
+                x = rest[0] if self.uses_raw_input else features
+                z = m.classifier.features(h)
+                data_loss = (
+                    data_loss
+                    - self.l1 * nhsic(h, x, self.sigma)
+                    - self.l2 * nhsic(m.projector(z), one_hot(labels, m.num_classes), self.sigma)
+                )
+        penalty = l2_penalty([p for _, p in self.trainable_parameters()], self.weight_decay)
+        return data_loss + penalty, logits, data_loss
+
+
+class InferenceGraph(Mirror):
+    """x -> logits of the model as stage t sees it (the full model for the last grow stage and 'full')."""
+
+    def __init__(self, model: BlockModel, spec: StageSpec):
+        t = model.T - 1 if spec.kind == "full" else spec.block
+        paths = [f"blocks.{k}" for k in range(t + 1)] + [f"basics.{k}" for k in range(t + 1, model.T)]
+        if spec.kind == "distill":  # the student: basic layer t in place of block t
+            paths[t] = f"basics.{t}"
+        super().__init__(model, paths + ["classifier"])
+        self.paths = paths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m.classifier(_run(self.m, self.paths, x))
+
+
+class TeacherGraph(Mirror):
+    """features -> logits through the real block t and its output module."""
+
+    def __init__(self, model: BlockModel, spec: StageSpec):
+        t = spec.block
+        self.paths = [f"blocks.{t}"] + [f"basics.{k}" for k in range(t + 1, model.T)]
+        super().__init__(model, self.paths + ["classifier"])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.m.classifier(_run(self.m, self.paths, features))
+
+
+@dataclass
+class StageGraphs:
+    spec: StageSpec
+    prefix: PrefixGraph | None
+    train: TrainGraph
+    inference: InferenceGraph
+    teacher: TeacherGraph | None
+
+
+def build_stage(
+    model: BlockModel, spec: StageSpec, weight_decay: float = 5e-4, neulite: NeuLiteWeights | None = None
+) -> StageGraphs:
+    if spec.kind not in KINDS or not 0 <= spec.block < model.T or (spec.kind == "distill" and spec.block == 0):
+        raise ValueError(f"stage {spec.name} does not exist for a model of {model.T} blocks")
+    frozen, _ = _prefix_split(model, spec)
+    return StageGraphs(
+        spec=spec,
+        prefix=PrefixGraph(model, frozen) if frozen else None,
+        train=TrainGraph(model, spec, weight_decay, neulite or NeuLiteWeights()),
+        inference=InferenceGraph(model, spec),
+        teacher=TeacherGraph(model, spec) if spec.kind == "distill" else None,
+    )

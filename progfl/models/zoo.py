@@ -1,0 +1,33 @@
+"""Named models and `build_model`, which rebuilds any of them from its stored `config`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import BlockModel, Shape
+from .cnn import cnn
+from .resnet import resnet18, resnet34
+from .vgg import vgg11
+from .vit import vit
+
+ZOO: dict[str, Callable[..., BlockModel]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "vgg11": vgg11,
+    "cnn": cnn,
+    "vit": vit,
+}
+
+
+def build_model(
+    name: str,
+    num_classes: int = 10,
+    input_shape: Shape | list[int] = (3, 32, 32),
+    norm: str = "batch",
+    width: int | None = None,
+    **kw,
+) -> BlockModel:
+    """A zoo model; `build_model(**model.config)` gives the same architecture (and, seeded, the same weights)."""
+    if name not in ZOO:
+        raise ValueError(f"unknown model {name!r}: choose from {', '.join(ZOO)}")
+    return ZOO[name](num_classes=num_classes, input_shape=tuple(input_shape), norm=norm, width=width, **kw)
