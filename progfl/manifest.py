@@ -129,6 +129,7 @@ class Stage:
     bn_updates: dict[str, str]  # training-graph output name -> BatchNorm statistic it updates
     bn_variance: dict[str, list[float]]  # running_var name -> [elements per channel per sample, torch momentum]
     files: dict[str, FileRef]  # prefix, training, eval, optimizer, checkpoint, inference, teacher
+    footprint: dict[str, float]  # element counts behind the analytic memory estimate (see exporter/sizing.py)
     memory: list[MemoryPoint] = field(default_factory=list)
     sizing: list[Sizing] = field(default_factory=list)
 
@@ -165,6 +166,7 @@ class Manifest:
     stages: list[Stage]
     device_classes: list[DeviceClass]
     global_params: list[ParamSpec]  # every array of the global model, for the server
+    initial: FileRef | None = None  # initial global arrays (.npz), so the server needs no torch
     schema_version: int = SCHEMA_VERSION
     producer: str = "progfl"
 
@@ -210,6 +212,7 @@ class Manifest:
                     "stages": stages,
                     "device_classes": [DeviceClass(**c) for c in d["device_classes"]],
                     "global_params": [ParamSpec(**p) for p in d["global_params"]],
+                    "initial": FileRef(**d["initial"]) if d.get("initial") else None,
                 }
             )
         except (KeyError, TypeError) as e:
@@ -253,6 +256,17 @@ class Manifest:
             for need in ("training", "eval", "optimizer", "checkpoint", "inference"):
                 if need not in s.files:
                     raise ManifestError(f"stage {s.name}: no {need} file")
+
+    def initial_weights(self, folder: str | os.PathLike) -> dict[str, np.ndarray]:
+        if self.initial is None:
+            raise ManifestError("manifest has no initial weights")
+        path = Path(folder) / self.initial.path
+        if not path.exists() or sha256_file(path) != self.initial.sha256:
+            raise ManifestError(f"{path}: initial weights missing or do not match their sha256")
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        check_arrays(arrays, self.global_params, f"{path}")
+        return arrays
 
     def verify_files(self, folder: str | os.PathLike, stage: Stage | None = None) -> None:
         """Check every file's sha256 (of one stage, or all): a corrupt or truncated artifact fails here."""
@@ -316,3 +330,37 @@ def file_ref(root: Path, path: Path) -> FileRef:
 
 def mb(nbytes: float) -> float:
     return math.ceil(nbytes / 2**20 * 10) / 10
+
+
+def predicted_peak_mb(stage: Stage, micro_batch: int) -> float:
+    """Peak memory at a micro-batch size: the measured point if there is one, else a line through the measured
+    points (peak is affine in batch: fixed weights/optimizer/runtime + per-sample activations), else the estimate."""
+    pts = {m.batch: m.measured_mb for m in stage.memory if m.measured_mb is not None}
+    if micro_batch in pts:
+        return pts[micro_batch]
+    if len(pts) >= 2:
+        b = np.array(sorted(pts), float)
+        slope, icpt = np.polyfit(b, [pts[int(x)] for x in b], 1)
+        return float(icpt + max(slope, 0.0) * micro_batch)
+    est = {m.batch: m.estimate_mb for m in stage.memory}
+    if not est:
+        raise ManifestError(f"stage {stage.name}: no memory table")
+    b = np.array(sorted(est), float)
+    if len(b) == 1:
+        return est[int(b[0])] * max(1.0, micro_batch / b[0])
+    slope, icpt = np.polyfit(b, [est[int(x)] for x in b], 1)
+    return float(icpt + max(slope, 0.0) * micro_batch)
+
+
+def size_stage(stage: Stage, budget_mb: float, batch: int, margin: float, device_class: str = "") -> Sizing:
+    """The largest micro-batch (batch, batch/2, ..., 1) whose peak stays under budget x (1 - margin); the
+    logical batch is kept by accumulating ceil(batch / micro) micro-batches. fits=False: cannot take part."""
+    limit = budget_mb * (1.0 - margin)
+    micro = batch
+    while True:
+        peak = predicted_peak_mb(stage, micro)
+        if peak <= limit:
+            return Sizing(device_class, budget_mb, micro, math.ceil(batch / micro), round(peak, 1), True)
+        if micro == 1:
+            return Sizing(device_class, budget_mb, 0, 0, round(peak, 1), False)
+        micro = max(1, micro // 2)

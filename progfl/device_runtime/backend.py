@@ -29,6 +29,10 @@ class StageBackend(ABC):
         """The frozen prefix's output for a batch (the input itself for the first block)."""
 
     @abstractmethod
+    def session_digest(self, kind: str) -> str:
+        """Identity of a frozen computation (file + its weights): the feature cache's key."""
+
+    @abstractmethod
     def teacher(self, features: np.ndarray) -> np.ndarray | None:
         """Distillation target logits for a batch of features (None unless the stage distils)."""
 

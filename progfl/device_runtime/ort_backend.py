@@ -104,6 +104,9 @@ class OrtStage(StageBackend):
         feeds = {**cached[2], **{k: OrtValue.ortvalue_from_numpy(v) for k, v in inputs.items()}}
         return cached[1].run_with_ort_values(None, feeds)[0].numpy()
 
+    def session_digest(self, kind: str) -> str:
+        return self.stage.files[kind].sha256 + _digest(self._weights, self.stage.session_params[kind])
+
     def features(self, x: np.ndarray) -> np.ndarray:
         if "prefix" not in self.stage.files:
             return x

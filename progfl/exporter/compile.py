@@ -142,7 +142,8 @@ def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, op
     values = {"features": features, "inputs": x, "labels": labels, "teacher": teacher_logits}
     names = g.train.input_names()
     base_path = folder / "base.onnx"
-    bn_variance = _bn_variance(g.train, [values[n] for n in names])
+    bn_variance, train_acts, _ = _inspect(g.train, [values[n] for n in names])
+    prefix_acts = _inspect(g.prefix, [x])[2] if g.prefix else 0.0
     base = _export(g.train, tuple(values[n] for n in names), names, ["loss", "logits", "data_loss"], base_path, opset, True)
     bn_updates = expose_bn_statistics(base)
     trainable = {n for n, _ in g.train.trainable_parameters()}
@@ -166,6 +167,12 @@ def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, op
     feature_shape = [-1, *features.shape[1:]]
     specs = {"features": feature_shape, "inputs": [-1, *model.input_shape], "labels": [-1],
              "teacher": [-1, model.num_classes]}
+    n_params = sum(int(torch.Size(shapes[n]).numel()) for n in order)
+    n_trainable = sum(int(torch.Size(shapes[n]).numel()) for n in order if n in trainable)
+    n_session = sum(int(torch.Size(shapes[n]).numel()) for k in ("prefix", "teacher") for n in session_params.get(k, []))
+    footprint = {"params": n_params, "trainable": n_trainable, "frozen_session_params": n_session,
+                 "activations_per_sample": train_acts, "prefix_peak_activation_per_sample": prefix_acts,
+                 "input_per_sample": float(torch.Size(model.input_shape).numel())}
     return Stage(
         index=index, name=spec.name, kind=spec.kind, block=spec.block, loss=spec.loss,
         loss_config={"l1": g.train.l1, "l2": g.train.l2, "sigma": g.train.sigma} if spec.kind == "neulite" else {},
@@ -173,27 +180,36 @@ def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, op
         inputs=[TensorSpec(n, specs[n], "int64" if n == "labels" else "float32") for n in names],
         feature=TensorSpec("features", feature_shape),
         params=[ParamSpec(n, shapes[n], n in trainable) for n in order],
-        session_params=session_params, bn_updates=bn_updates, bn_variance=bn_variance,
+        session_params=session_params, bn_updates=bn_updates, bn_variance=bn_variance, footprint=footprint,
         files={k: file_ref(root, p) for k, p in files.items()},
     )
 
 
-def _bn_variance(graph: torch.nn.Module, args: list) -> dict[str, list[float]]:
-    """Per BatchNorm: elements per channel per sample and momentum. ORT updates running_var with the biased batch
-    variance, torch with the unbiased one; the runtime corrects by n/(n-1) with n = batch x this count."""
-    found: dict[str, list[float]] = {}
-    hooks = [
-        mod.register_forward_hook(lambda m, i, o, name=name: found.__setitem__(
-            f"{name}.running_var", [float(i[0][0, 0].numel()), float(m.momentum or 0.1)]))
-        for name, mod in graph.named_modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
-    ]
+def _inspect(graph: torch.nn.Module, args: list) -> tuple[dict[str, list[float]], float, float]:
+    """One eval-mode forward with hooks on the leaf modules. Returns
+    - per BatchNorm: elements per channel per sample and momentum (ORT updates running_var with the biased batch
+      variance, torch with the unbiased one; the runtime corrects by n/(n-1) with n = batch x this count);
+    - activation elements per sample: the sum of leaf outputs (what a backward pass keeps alive) and the largest
+      one (what an inference pass needs at once)."""
+    bn: dict[str, list[float]] = {}
+    sizes: list[float] = []
+    batch = args[0].shape[0]
+
+    def hook(mod, inp, out, name):
+        if isinstance(out, torch.Tensor):
+            sizes.append(out.numel() / batch)
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            bn[f"{name}.running_var"] = [float(inp[0][0, 0].numel()), float(mod.momentum or 0.1)]
+
+    hooks = [mod.register_forward_hook(lambda m, i, o, n=name: hook(m, i, o, n))
+             for name, mod in graph.named_modules() if not list(mod.children())]
     try:
         with torch.no_grad():
             graph.eval()(*args)  # eval: shapes only, statistics untouched
     finally:
         for h in hooks:
             h.remove()
-    return found
+    return bn, float(sum(sizes)), float(max(sizes, default=0.0))
 
 
 def _fix_optimizer(path: Path, optimizer: OptimizerConfig) -> None:

@@ -3,7 +3,7 @@
 from .base import BlockModel, Classifier
 from .sequential import from_sequential
 from .stages import NeuLiteWeights, StageSpec, build_stage, default_stages, parse_stage_name
-from .zoo import ZOO, build_model
+from .zoo import ZOO, build_model, load_model
 
 __all__ = [
     "BlockModel",
@@ -15,5 +15,6 @@ __all__ = [
     "build_stage",
     "default_stages",
     "from_sequential",
+    "load_model",
     "parse_stage_name",
 ]

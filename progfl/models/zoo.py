@@ -31,3 +31,26 @@ def build_model(
     if name not in ZOO:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(ZOO)}")
     return ZOO[name](num_classes=num_classes, input_shape=tuple(input_shape), norm=norm, width=width, **kw)
+
+
+def load_model(spec: str, num_classes: int, input_shape: Shape, norm: str = "batch", width: int | None = None,
+               seed: int = 0) -> BlockModel:
+    """A zoo name, or 'package.module:function' whose function returns an nn.Sequential of blocks (your model)."""
+    import importlib
+
+    import torch
+    from torch import nn
+
+    from .sequential import from_sequential
+
+    torch.manual_seed(seed)
+    if ":" not in spec:
+        return build_model(spec, num_classes, input_shape, norm, width)
+    module, _, fn = spec.partition(":")
+    try:
+        seq = getattr(importlib.import_module(module), fn)()
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load model {spec!r}: {e}") from None
+    if not isinstance(seq, nn.Sequential):
+        raise ValueError(f"{spec} returned {type(seq).__name__}, expected an nn.Sequential of blocks")
+    return from_sequential(seq, input_shape, num_classes, name=spec)

@@ -1,0 +1,95 @@
+"""progfl's command line: one click group. User mistakes end with one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .manifest import ManifestError
+
+
+def user_errors(fn):
+    """Turn the errors a user can cause (bad names, shapes, paths, files) into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, ManifestError, FileNotFoundError, PermissionError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _ints(value: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated integers, got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="progfl")
+def main() -> None:
+    """Progressive block-wise federated learning for memory-limited devices."""
+
+
+@main.command()
+@click.option("--model", "model_name", default="resnet18", show_default=True,
+              help="Zoo model (resnet18, resnet34, vgg11, cnn, vit) or 'module:function' returning an nn.Sequential of blocks.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder (new or empty).")
+@click.option("--num-classes", default=10, show_default=True)
+@click.option("--input-shape", default="3,32,32", show_default=True, help="C,H,W of one sample.")
+@click.option("--norm", type=click.Choice(["batch", "group"]), default="batch", show_default=True)
+@click.option("--width", type=int, default=None, help="Base width (channels; ViT: token dim). Default: the model's.")
+@click.option("--stages", default="grow,distill,full", show_default=True, help="Stage kinds: grow, distill, neulite, full.")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset, 17..21.")
+@click.option("--batch", "batch_size", default=32, show_default=True, help="Logical batch size per step.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--momentum", default=0.9, show_default=True)
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--devices", type=click.Path(dir_okay=False), default=None, help="JSON list of {name, memory_mb}; default: the shipped sample.")
+@click.option("--margin", default=0.15, show_default=True, help="Safety margin under each budget.")
+@click.option("--measure/--no-measure", default=True, show_default=True, help="Measure peaks in a torch-free subprocess.")
+@click.option("--measure-batches", default=None, help="Micro-batch sizes to measure (default: batch/4 and batch).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial weights.")
+@click.option("--explain", is_flag=True, help="Print the memory and device-sizing table.")
+@user_errors
+def export(model_name, out, num_classes, input_shape, norm, width, stages, opset, batch_size, optimizer, momentum,
+           weight_decay, devices, margin, measure, measure_batches, seed, explain) -> None:
+    """Compile every stage of a model into ONNX Runtime training artifacts sized to device memory."""
+    from .exporter import ExportError, OptimizerConfig, check_output_folder, explain as explain_table, export_model
+    from .exporter.sizing import load_device_classes
+    from .models import load_model
+
+    check_output_folder(__import__("pathlib").Path(out))
+    classes = load_device_classes(devices)
+    if not 17 <= opset <= 21:
+        raise ExportError(f"opset {opset} is not supported: use 17..21")
+    model = load_model(model_name, num_classes, tuple(_ints(input_shape, "--input-shape")), norm, width, seed)
+    manifest = export_model(
+        model, out, classes, kinds=tuple(k.strip() for k in stages.split(",") if k.strip()), opset=opset,
+        batch_size=batch_size, optimizer=OptimizerConfig(optimizer, momentum, weight_decay), safety_margin=margin,
+        measure=measure, measure_batches=_ints(measure_batches, "--measure-batches") if measure_batches else None,
+        progress=lambda m: click.echo(m, err=True))
+    if explain:
+        click.echo(explain_table(manifest))
+    click.echo(f"wrote {len(manifest.stages)} stages to {out}", err=True)
+
+
+@main.command("explain")
+@click.argument("artifacts", type=click.Path(file_okay=False))
+@user_errors
+def explain_cmd(artifacts) -> None:
+    """Print an exported folder's memory and device-sizing table."""
+    from .exporter.explain import explain as explain_table
+    from .manifest import Manifest
+
+    click.echo(explain_table(Manifest.load(artifacts)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Peak resident memory of this process, per phase.
+
+VmHWM (/proc/self/status) counts native allocations that tracemalloc misses (ONNX Runtime's). Writing 5 to
+/proc/self/clear_refs resets it to the current RSS, so each phase is measured on its own; where the kernel
+refuses (or off Linux) ru_maxrss, the process-lifetime peak, is the fallback and `resettable` says so.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_mb(key: str) -> float | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    now = _status_mb("VmRSS")
+    return now if now is not None else peak_mb()
+
+
+def peak_mb() -> float:
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def reset_peak() -> bool:
+    """Start a new phase; False when the peak cannot be reset (then peaks are since process start)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeak:
+    """with PhasePeak() as p: ...  -> p.peak_mb: the high-water mark of that block (process-wide if not resettable)."""
+
+    def __enter__(self) -> PhasePeak:
+        self.resettable = reset_peak()
+        self.start_mb = rss_mb()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_mb = peak_mb()

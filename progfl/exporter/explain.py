@@ -1,0 +1,33 @@
+"""The manifest's memory table and device sizing as a table a person reads."""
+
+from __future__ import annotations
+
+from ..manifest import Manifest
+
+
+def _cell(z) -> str:
+    if not z.fits:
+        return "-"
+    return f"{z.micro_batch}" if z.accum_steps == 1 else f"{z.micro_batch}x{z.accum_steps}"
+
+
+def explain(manifest: Manifest) -> str:
+    batches = sorted({m.batch for s in manifest.stages for m in s.memory})
+    head = ["stage", "trainable"] + [f"peak@{b} MB (est)" for b in batches] + [c.name for c in manifest.device_classes]
+    rows = []
+    for s in manifest.stages:
+        mem = {m.batch: m for m in s.memory}
+        n = s.footprint['trainable']
+        cells = [s.name, f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"]
+        for b in batches:
+            m = mem.get(b)
+            measured = f"{m.measured_mb:.0f}" if m and m.measured_mb is not None else "?"
+            cells.append(f"{measured} ({m.estimate_mb:.0f})" if m else "")
+        cells += [_cell(s.sizing_for(c.name)) for c in manifest.device_classes]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    legend = (f"\nmodel {manifest.model}, logical batch {manifest.batch_size}, safety margin "
+              f"{manifest.safety_margin:.0%}. Device cells: micro-batch (x accumulation steps); '-' cannot take part.\n"
+              + "budgets: " + ", ".join(f"{c.name}={c.memory_mb:g} MB" for c in manifest.device_classes))
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)]) + "\n" + legend

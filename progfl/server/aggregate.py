@@ -1,0 +1,112 @@
+"""Sample-weighted FedAvg as running sums: server memory stays O(model), not O(devices x model).
+
+A bad update (missing or unknown array, wrong shape, NaN/Inf, no samples, wrong round or stage) is dropped
+with a one-line reason instead of poisoning the global model; the round survives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from progfl.manifest import ManifestError, ParamSpec, TrainUpdate
+
+log = logging.getLogger("progfl.server")
+
+
+class Aggregator:
+    """Accumulates accepted updates of one round; `result()` is their sample-weighted average."""
+
+    def __init__(
+        self, expected: list[ParamSpec], min_updates: int = 1, round: int | None = None, stage: str | None = None
+    ) -> None:
+        self.expected = {p.name: tuple(p.shape) for p in expected}
+        self.min_updates = min_updates
+        self.round, self.stage = round, stage  # when set, updates for another round or stage are stale
+        self.accepted = 0
+        self.total_samples = 0
+        self.dropped: list[tuple[int | str, str]] = []
+        self._sums = {n: np.zeros(s, np.float64) for n, s in self.expected.items()}
+        self._metric_sums: dict[str, float] = {}
+        self._metric_weights: dict[str, float] = {}
+        self._seen = 0
+
+    def check(self, update: TrainUpdate) -> str | None:
+        """Why this update cannot be averaged, or None if it can."""
+        if self.round is not None and update.round != self.round:
+            return f"stale: round {update.round}, expected {self.round}"
+        if self.stage is not None and update.stage != self.stage:
+            return f"wrong stage {update.stage!r}, expected {self.stage!r}"
+        n = update.num_samples
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+            return f"num_samples must be a positive integer, got {n!r}"
+        if not isinstance(update.weights, dict):
+            return "weights is not a dict of arrays"
+        unknown = sorted(set(update.weights) - self.expected.keys())
+        if unknown:
+            return f"unknown array {unknown[0]}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        for name, shape in self.expected.items():
+            if name not in update.weights:
+                return f"missing array {name}"
+            a = np.asarray(update.weights[name])
+            if a.shape != shape:
+                return f"{name} has shape {list(a.shape)}, expected {list(shape)}"
+            if a.dtype.kind not in "fiu":
+                return f"{name} has non-numeric dtype {a.dtype}"
+            if not np.isfinite(a).all():
+                return f"{name} contains NaN or Inf"
+        return None
+
+    def add(self, update: TrainUpdate, device: int | str | None = None) -> str | None:
+        """Validate and accumulate one update; None if accepted, else the reason it was dropped."""
+        who = device if device is not None else self._seen
+        self._seen += 1
+        reason = self.check(update)
+        if reason is not None:
+            self.dropped.append((who, reason))
+            log.warning("dropped update from device %s (round %s, stage %s): %s", who, update.round, update.stage, reason)
+            return reason
+        w = int(update.num_samples)
+        for name, acc in self._sums.items():
+            acc += w * np.asarray(update.weights[name], dtype=np.float64)
+        for key, value in (update.metrics or {}).items():
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value):
+                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + w * float(value)
+                self._metric_weights[key] = self._metric_weights.get(key, 0.0) + w
+        self.accepted += 1
+        self.total_samples += w
+        return None
+
+    def result(self) -> dict[str, np.ndarray] | None:
+        """float32 weighted averages, or None with fewer than min_updates accepted (keep the old weights)."""
+        if self.accepted < max(1, self.min_updates):
+            return None
+        return {n: (s / self.total_samples).astype(np.float32) for n, s in self._sums.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """Sample-weighted means of the numeric metrics the accepted updates reported."""
+        return {k: self._metric_sums[k] / self._metric_weights[k] for k in self._metric_sums}
+
+    @staticmethod
+    def merge(global_arrays: dict[str, np.ndarray], result: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """A new global model with the averaged arrays replaced (in the global dtype), all others untouched."""
+        merged = dict(global_arrays)
+        for name, value in (result or {}).items():
+            if name not in global_arrays:
+                raise ManifestError(f"aggregate: {name} is not an array of the global model")
+            old = np.asarray(global_arrays[name])
+            if old.shape != value.shape:
+                raise ManifestError(f"aggregate: {name} has shape {list(value.shape)}, global {list(old.shape)}")
+            merged[name] = (np.rint(value) if old.dtype.kind in "iu" else value).astype(old.dtype)
+        return merged
+
+    def summary(self) -> dict[str, Any]:
+        """What the round log records about aggregation."""
+        return {
+            "accepted": self.accepted,
+            "samples": self.total_samples,
+            "dropped": [[who, why] for who, why in self.dropped],
+        }
