@@ -17,7 +17,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, ManifestError, FileNotFoundError, PermissionError) as e:
+        except (ValueError, ManifestError, OSError) as e:  # OSError: paths and permissions the user gave
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -89,6 +89,88 @@ def explain_cmd(artifacts) -> None:
     from .manifest import Manifest
 
     click.echo(explain_table(Manifest.load(artifacts)))
+
+
+@main.group()
+def device() -> None:
+    """On the device (torch-free): train a stage on local data, profile peak memory."""
+
+
+@device.command("train")
+@click.option("--artifacts", type=click.Path(file_okay=False), required=True, help="Exported folder (manifest.json).")
+@click.option("--stage", required=True, help="Stage index or name (grow-1, full, ...).")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), required=True, help=".npz with x and y.")
+@click.option("--budget-mb", type=float, default=None, help="Memory budget: sizes micro-batches, refuses what cannot fit.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help=".npz of global arrays (default: initial).")
+@click.option("--lr", default=0.01, show_default=True)
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: one per core).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Frozen-prefix feature cache folder.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the updated arrays to this .npz.")
+@user_errors
+def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, seed, threads, cache_dir, out) -> None:
+    """Train one stage locally and print the update's metrics as JSON."""
+    import json
+
+    from .device_runtime.backend import RuntimeOptions
+    from .device_runtime.device import Device, read_shard
+    from .device_runtime.shard import open_npz
+    from .manifest import TrainTask, write_atomic
+
+    x, y = read_shard(data_path)
+    dev = Device(artifacts, x, y, budget_mb, RuntimeOptions(threads=threads), cache_dir)
+    s = dev.manifest.stage(stage)
+    micro, accum = dev.plan(s.name)
+    arrays = open_npz(__import__("pathlib").Path(weights)) if weights else dev.manifest.initial_weights(artifacts)
+    task = TrainTask(round=0, stage=s.name, manifest_sha256=dev.manifest_sha256,
+                     weights={p.name: arrays[p.name] for p in s.needed(dev.manifest) if p.name in arrays},
+                     lr=lr, epochs=epochs, batch_size=dev.manifest.batch_size, micro_batch=micro,
+                     accum_steps=accum, seed=seed, budget_mb=budget_mb)
+    update = dev.train(task)
+    if out:
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez(buf, **update.weights)
+        write_atomic(out, buf.getvalue())
+    click.echo(json.dumps({"stage": s.name, "micro_batch": micro, "accum_steps": accum,
+                           "num_samples": update.num_samples, **update.metrics}))
+    if update.metrics.get("over_budget"):
+        click.echo(f"warning: peak {update.metrics['peak_mb']:g} MB went over the {budget_mb:g} MB budget", err=True)
+
+
+@device.command("profile")
+@click.option("--artifacts", type=click.Path(file_okay=False), required=True)
+@click.option("--batches", default="1,8,32", show_default=True, help="Micro-batch sizes to measure.")
+@click.option("--steps", default=3, show_default=True, help="Timed training steps per measurement.")
+@click.option("--threads", default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON report path.")
+@user_errors
+def device_profile(artifacts, batches, steps, threads, out) -> None:
+    """Measure every stage's peak memory and step time on this machine (run it on the Pi or Jetson)."""
+    import json
+    import os
+    import platform
+
+    from .device_runtime.probe import run_probe
+    from .manifest import Manifest, write_atomic
+
+    manifest = Manifest.load(artifacts)
+    manifest.verify_files(artifacts)
+    rows = []
+    for s in manifest.stages:
+        for b in _ints(batches, "--batches"):
+            r = run_probe(artifacts, s.name, b, steps, threads)
+            rows.append(r)
+            click.echo(f"{s.name:<12} batch {b:>3}: peak {r['peak_mb']:7.1f} MB  step {r['step_ms']:8.1f} ms")
+    report = {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
+              "cpus": os.cpu_count(), "threads": threads, "model": manifest.model, "results": rows}
+    if out:
+        write_atomic(out, json.dumps(report, indent=1).encode())
+        click.echo(f"wrote {out}", err=True)
 
 
 if __name__ == "__main__":

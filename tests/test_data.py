@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from progfl.device_runtime.shard import ShardError
+
 from progfl.data import (
     DataError,
     Dataset,
@@ -417,15 +419,15 @@ def test_read_shard_rejects_bad_files(tmp_path):
     }
     for name, (arrays, msg) in cases.items():
         np.savez(tmp_path / name, **arrays)
-        with pytest.raises(DataError, match=f"{name}: .*{msg}"):
+        with pytest.raises(ShardError, match=f"{name}: .*{msg}"):
             read_shard(tmp_path / name)
     np.save(tmp_path / "single.npy", x)
-    with pytest.raises(DataError, match="single.npy: not an .npz archive"):
+    with pytest.raises(ShardError, match="single.npy: not an .npz archive"):
         read_shard(tmp_path / "single.npy")
     (tmp_path / "junk.npz").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="junk.npz: unreadable"):
+    with pytest.raises(ShardError, match="junk.npz: unreadable"):
         read_shard(tmp_path / "junk.npz")
-    with pytest.raises(DataError, match="missing.npz: file not found"):
+    with pytest.raises(ShardError, match="missing.npz: file not found"):
         read_shard(tmp_path / "missing.npz")
 
 

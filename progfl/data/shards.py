@@ -12,13 +12,15 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..device_runtime.shard import ShardError, check_xy, open_npz, read_shard  # one reader, device side
 from ._common import Dataset
 from .errors import DataError
+
+__all__ = ["read_dataset", "read_shard", "write_dataset", "write_shards"]
 
 INDEX_FILE = "index.json"
 
@@ -72,43 +74,6 @@ def write_shards(dataset: Dataset, parts: list[np.ndarray], out_dir: str | Path)
     return [out / _shard_name(i) for i in range(len(parts))]
 
 
-def _open_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
-        with z:
-            return {k: z[k] for k in z.files}
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: unreadable .npz ({e})") from None
-
-
-def _check_xy(path: Path, d: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    missing = [k for k in ("x", "y") if k not in d]
-    if missing:
-        raise DataError(f"{path}: missing array(s) {', '.join(missing)} (has {sorted(d)})")
-    x, y = d["x"], d["y"]
-    if x.dtype != np.float32 or x.ndim != 4:
-        raise DataError(f"{path}: x must be float32 4-D, got {x.dtype} {x.ndim}-D")
-    if y.dtype.kind not in "iu" or y.ndim != 1:
-        raise DataError(f"{path}: y must be integer 1-D, got {y.dtype} {y.ndim}-D")
-    if len(x) != len(y):
-        raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
-    if len(y) == 0:
-        raise DataError(f"{path}: empty data shard")
-    return x, y.astype(np.int64, copy=False)
-
-
-def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load one device shard -> (x float32 N,C,H,W; y int64 N), validated."""
-    p = Path(path)
-    return _check_xy(p, _open_npz(p))
-
-
 def write_dataset(ds: Dataset, path: str | Path) -> Path:
     """Save a whole Dataset (e.g. the held-out test set) as one .npz, atomically."""
     p = Path(path)
@@ -133,8 +98,11 @@ def write_dataset(ds: Dataset, path: str | Path) -> Path:
 def read_dataset(path: str | Path) -> Dataset:
     """Load a Dataset written by ``write_dataset``; errors are DataError."""
     p = Path(path)
-    d = _open_npz(p)
-    x, y = _check_xy(p, d)
+    try:
+        d = open_npz(p)
+        x, y = check_xy(p, d)
+    except ShardError as e:
+        raise DataError(str(e)) from None
     for k in ("mean", "std", "num_classes", "name"):
         if k not in d:
             raise DataError(f"{p}: missing array {k!r} (not written by write_dataset?)")

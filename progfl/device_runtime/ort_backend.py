@@ -53,23 +53,34 @@ class OrtStage(StageBackend):
         self.options = options or RuntimeOptions()
         if verify:
             manifest.verify_files(self.folder, self.stage)
-        f = {k: str(self.folder / r.path) for k, r in self.stage.files.items()}
         self._so = session_options(self.options)
-        try:
-            self.state = CheckpointState.load_checkpoint(f["checkpoint"])
-            self.module = Module(f["training"], self.state, f["eval"], "cpu", self._so)
-            self.optimizer = Optimizer(f["optimizer"], self.module)
-        except Exception as e:  # ORT raises its own exception types for malformed files
-            raise ManifestError(f"stage {self.stage.name}: artifacts do not load ({str(e).splitlines()[0]})") from None
+        self._load_training()
         self.output_names = self.module.output_names()
         self._bn = [(i, self.stage.bn_updates[n]) for i, n in enumerate(self.output_names) if n in self.stage.bn_updates]
         self._sessions: dict[str, tuple[str, InferenceSession, dict]] = {}
         self._weights: dict[str, np.ndarray] = {}
         self._lr_scale = float(self.stage.optimizer["lr_scale"])
 
+    def _load_training(self) -> None:
+        """Checkpoint state, training Module and Optimizer, fresh: no optimizer moments. ORT has no call that
+        resets them, and each round must start with zero momentum (a FedAvg client's optimizer is new every
+        round), so a round that follows training reloads them; the old ones are dropped first."""
+        f = {k: str(self.folder / r.path) for k, r in self.stage.files.items()}
+        self.state = self.module = self.optimizer = None
+        try:
+            self.state = CheckpointState.load_checkpoint(f["checkpoint"])
+            self.module = Module(f["training"], self.state, f["eval"], "cpu", self._so)
+            self.optimizer = Optimizer(f["optimizer"], self.module)
+        except Exception as e:  # ORT raises its own exception types for malformed files
+            raise ManifestError(f"stage {self.stage.name}: artifacts do not load ({str(e).splitlines()[0]})") from None
+        self._stepped = False
+
     # --- weights ---
     def set_weights(self, arrays: dict[str, np.ndarray]) -> None:
+        """A new round's weights; optimizer state starts from zero again."""
         s = self.stage
+        if self._stepped:
+            self._load_training()
         needed = s.needed(self.manifest)
         check_arrays(arrays, needed, f"weights for stage {s.name}")
         self._weights = {p.name: np.asarray(arrays[p.name], np.float32) for p in needed}
@@ -141,4 +152,5 @@ class OrtStage(StageBackend):
         self.optimizer.set_learning_rate(lr * self._lr_scale / accum_steps)
         self.optimizer.step()
         self.module.lazy_reset_grad()
+        self._stepped = True
 

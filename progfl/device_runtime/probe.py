@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -64,6 +67,19 @@ def measure_stage(folder: str, stage: str, batch: int, steps: int = 3,
     return {"stage": s.name, "batch": batch, "peak_mb": round(peak.peak_mb, 1), "baseline_mb": round(baseline, 1),
             "step_ms": round(1000 * float(np.median(times)), 2), "peak_resettable": peak.resettable,
             "torch_imported": "torch" in sys.modules}
+
+
+def run_probe(folder: str | os.PathLike, stage: str, batch: int, steps: int = 2, threads: int = 0) -> dict:
+    """measure_stage in a fresh interpreter, so the peak (VmHWM) is this stage's alone."""
+    cmd = [sys.executable, "-m", "progfl.device_runtime.probe", str(folder), stage, str(batch),
+           "--steps", str(steps), "--threads", str(threads)]
+    root = str(Path(__file__).parents[2])  # progfl importable from a source checkout too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory probe failed for stage {stage} at batch {batch}: {tail}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

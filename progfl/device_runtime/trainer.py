@@ -29,13 +29,14 @@ def frozen_outputs(backend: StageBackend, stage: Stage, x: np.ndarray, chunk: in
     def compute(fn, inp: np.ndarray) -> np.ndarray:
         return np.concatenate([fn(inp[c]) for c in _chunks(np.arange(len(inp)), chunk)])
 
-    if cache is None:
+    if cache is None or "prefix" not in stage.files:  # no prefix: the features are the data itself
         feats = compute(backend.features, x)
         return feats, compute(backend.teacher, feats) if "teacher" in stage.files else None
-    feats = cache.get_or_compute("prefix", backend.session_digest("prefix"), x, lambda: compute(backend.features, x))
+    prefix = backend.session_digest("prefix")
+    feats = cache.get_or_compute("prefix", prefix, x, lambda: compute(backend.features, x))
     teacher = None
-    if "teacher" in stage.files:
-        teacher = cache.get_or_compute("teacher", backend.session_digest("teacher"), x,
+    if "teacher" in stage.files:  # its input is the prefix's output: both weights are in its key
+        teacher = cache.get_or_compute("teacher", prefix + backend.session_digest("teacher"), x,
                                        lambda: compute(backend.teacher, np.asarray(feats)))
     return feats, teacher
 

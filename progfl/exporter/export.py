@@ -59,7 +59,10 @@ def export_model(
     batches = sorted(set(measure_batches or [max(1, batch_size // 4), batch_size]))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise ExportError(f"{out.parent}: not writable ({e.strerror})") from None
     try:
         stages = []
         for i, spec in enumerate(specs):

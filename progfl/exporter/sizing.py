@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from ..device_runtime.probe import run_probe
 from ..manifest import DeviceClass, Manifest, MemoryPoint, Stage, size_stage
 
 RUNTIME_BASELINE_MB = 60.0  # python + numpy + onnxruntime after import (~52 MB) + sessions (~8 MB), x86_64
@@ -33,25 +32,13 @@ def estimate(stage: Stage, batch: int) -> MemoryPoint:
                        breakdown={k: round(v, 2) for k, v in parts.items()})
 
 
-def measure(folder: Path, stage: str, batch: int, steps: int = 2, threads: int = 0) -> dict:
-    """Run the probe in a fresh interpreter so the peak (VmHWM) is this stage's alone."""
-    cmd = [sys.executable, "-m", "progfl.device_runtime.probe", str(folder), stage, str(batch),
-           "--steps", str(steps), "--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"memory probe failed for stage {stage} at batch {batch}: {tail}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def fill_memory(manifest: Manifest, folder: Path, batches: list[int], measured: bool, progress=None) -> None:
     for s in manifest.stages:
         s.memory = []
         for b in batches:
             point = estimate(s, b)
             if measured:
-                point.measured_mb = measure(folder, s.name, b)["peak_mb"]
+                point.measured_mb = run_probe(folder, s.name, b)["peak_mb"]
                 if progress:
                     progress(f"  {s.name:<12} batch {b:>3}: {point.measured_mb:7.1f} MB measured, {point.estimate_mb:7.1f} MB estimated")
             s.memory.append(point)

@@ -109,7 +109,7 @@ class BlockModel(nn.Module):
             for b in self.blocks:
                 h = b(h)
                 shapes.append(tuple(h.shape[1:]))
-        except RuntimeError as e:
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:  # torch raises all of these for shapes
             raise ValueError(f"the blocks do not accept input shape {list(self.input_shape)}: {e}") from None
         finally:
             self.train(was)

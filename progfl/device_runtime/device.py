@@ -1,0 +1,65 @@
+"""A device: its artifacts, its local data, its memory budget; trains whatever stage a task names.
+
+The same object serves `progfl device train`, the simulation's worker processes and the Flower ClientApp.
+It keeps the current stage loaded between rounds (sessions are costly to build) and drops it when the
+stage changes, so at most one stage's sessions are resident.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..manifest import Manifest, ManifestError, TrainTask, TrainUpdate, size_stage
+from .backend import RuntimeOptions
+from .cache import FeatureCache
+from .ort_backend import OrtStage
+from .shard import read_shard  # noqa: F401  (the device's data reader, re-exported)
+from .trainer import train_round
+
+
+class Device:
+    def __init__(self, artifacts: str | os.PathLike, x: np.ndarray, y: np.ndarray, budget_mb: float | None = None,
+                 options: RuntimeOptions | None = None, cache_dir: str | os.PathLike | None = None):
+        self.folder = Path(artifacts)
+        self.manifest = Manifest.load(self.folder)
+        want = tuple(self.manifest.input_shape)
+        if tuple(x.shape[1:]) != want:
+            raise ManifestError(f"local data has samples of shape {list(x.shape[1:])}, the model takes {list(want)}")
+        if len(x) == 0:
+            raise ManifestError("empty data shard")
+        self.x, self.y = x, y
+        self.budget_mb, self.options = budget_mb, options or RuntimeOptions()
+        self.cache = FeatureCache(cache_dir) if cache_dir else None
+        self._backend: OrtStage | None = None
+
+    def plan(self, stage: str | int) -> tuple[int, int]:
+        """(micro_batch, accum_steps) for this device's budget, or an error if the stage does not fit."""
+        s = self.manifest.stage(stage)
+        if self.budget_mb is None:
+            return self.manifest.batch_size, 1
+        z = size_stage(s, self.budget_mb, self.manifest.batch_size, self.manifest.safety_margin)
+        if not z.fits:
+            raise ManifestError(f"stage {s.name} needs {z.peak_mb:g} MB at micro-batch 1 (+{self.manifest.safety_margin:.0%}"
+                                f" margin); this device's budget is {self.budget_mb:g} MB: it cannot take part")
+        return z.micro_batch, z.accum_steps
+
+    def backend(self, stage: str) -> OrtStage:
+        if self._backend is None or self._backend.stage.name != stage:
+            self._backend = None  # free the old stage's sessions before building the new ones
+            self._backend = OrtStage(self.folder, self.manifest, stage, self.options)
+        return self._backend
+
+    def train(self, task: TrainTask) -> TrainUpdate:
+        if task.manifest_sha256 and task.manifest_sha256 != self.manifest_sha256:
+            raise ManifestError("task was made for other artifacts (manifest sha256 differs): fetch them first")
+        stage = self.manifest.stage(task.stage)
+        return train_round(self.backend(stage.name), stage, task, self.x, self.y, self.cache)
+
+    @property
+    def manifest_sha256(self) -> str:
+        from ..manifest import MANIFEST_NAME, sha256_file
+
+        return sha256_file(self.folder / MANIFEST_NAME)
