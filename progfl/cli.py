@@ -91,6 +91,99 @@ def explain_cmd(artifacts) -> None:
     click.echo(explain_table(Manifest.load(artifacts)))
 
 
+def _sim_options(fn):
+    for opt in reversed([
+        click.option("--artifacts", type=click.Path(file_okay=False), required=True, help="Exported folder."),
+        click.option("--dataset", default="mnist5k", show_default=True,
+                     help="mnist5k, digits, animal-mnist (offline) or cifar10, cifar100, femnist (with --data-path)."),
+        click.option("--data-path", default=None, help="Folder of a user-provided dataset."),
+        click.option("--partition", type=click.Choice(["iid", "dirichlet", "shards"]), default="iid", show_default=True),
+        click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration."),
+        click.option("--devices", default=20, show_default=True),
+        click.option("--per-round", default=5, show_default=True),
+        click.option("--rounds", default=30, show_default=True),
+        click.option("--epochs", default=1, show_default=True),
+        click.option("--lr", default=0.05, show_default=True),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--workers", default=2, show_default=True, help="Worker processes running devices."),
+        click.option("--full-share", default=0.08, show_default=True, help="Share of devices that hold full training."),
+        click.option("--fleet", "fleet_file", type=click.Path(dir_okay=False), default=None,
+                     help="JSON list of device budgets in MB (one per device) instead of ProFL's fleet."),
+        click.option("--target", type=float, default=None, help="Target accuracy for rounds/time-to-target."),
+        click.option("--pace", "pace", multiple=True, help="Pace setting KEY=VALUE (window, max_rounds, ...)."),
+        click.option("--option", "options", multiple=True, help="Plan option KEY=VALUE (shrink_rounds, order, ...)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _kv(pairs: tuple[str, ...], what: str) -> dict:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{what} must be KEY=VALUE, got {p!r}")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def _sim_config(plan, out, kw) -> "SimConfig":  # noqa: F821
+    from .server.simulation import SimConfig
+
+    import json
+    from pathlib import Path
+
+    kw = dict(kw)
+    kw["pace"], kw["options"] = _kv(kw.pop("pace"), "--pace"), _kv(kw.pop("options"), "--option")
+    fleet_file = kw.pop("fleet_file")
+    if fleet_file:
+        try:
+            kw["fleet"] = [float(b) for b in json.loads(Path(fleet_file).read_text())]
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{fleet_file}: not a JSON list of budgets in MB ({e})") from None
+        kw["devices"] = len(kw["fleet"])
+    return SimConfig(plan=plan, out=out, **kw)
+
+
+@main.command()
+@click.option("--plan", default="profl", show_default=True, help="profl, neulite, smartfreeze, fedavg, exclusive.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue a stopped run from its checkpoint.")
+@_sim_options
+@user_errors
+def simulate(plan, out, resume, **kw) -> None:
+    """Run one plan on N virtual devices with the real device runtime; writes history, report and plots."""
+    from .server.simulation import run_simulation
+
+    run = run_simulation(_sim_config(plan, out, kw), resume=resume)
+    click.echo(f"report: {run / 'report.md'}")
+
+
+@main.command()
+@click.option("--plans", default="profl,exclusive,fedavg", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder: one run per plan + report.")
+@_sim_options
+@user_errors
+def compare(plans, out, **kw) -> None:
+    """Several plans on the same seed, data and fleet; one table."""
+    from pathlib import Path
+
+    from .server.report import compare_table, load_history, write_report
+    from .server.simulation import run_simulation
+
+    runs = [run_simulation(_sim_config(p.strip(), str(Path(out) / p.strip()), kw)) for p in plans.split(",") if p.strip()]
+    report = write_report(runs, Path(out), kw.get("target"))
+    click.echo(compare_table([load_history(r) for r in runs], kw.get("target")))
+    click.echo(f"report: {report}")
+
+
 @main.group()
 def device() -> None:
     """On the device (torch-free): train a stage on local data, profile peak memory."""

@@ -45,6 +45,25 @@ def _digest(arrays: dict[str, np.ndarray], names: list[str]) -> str:
     return h.hexdigest()
 
 
+class InferenceFile:
+    """An inference ONNX file whose global weights are graph inputs (see exporter.fixes.weights_as_inputs):
+    the session is built once; the weights are bound as OrtValues and rebound only when they change."""
+
+    def __init__(self, path: str | Path, weight_names: list[str], so: SessionOptions):
+        self.names = weight_names
+        self.session = InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self._digest, self._bound = "", {}
+
+    def run(self, weights: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> np.ndarray:
+        digest = _digest(weights, self.names)
+        if digest != self._digest:
+            self._arrays = {n: np.ascontiguousarray(weights[n], np.float32) for n in self.names}  # OrtValues borrow these
+            self._bound = {n: OrtValue.ortvalue_from_numpy(a) for n, a in self._arrays.items()}
+            self._digest = digest
+        feeds = {**self._bound, **{k: OrtValue.ortvalue_from_numpy(v) for k, v in inputs.items()}}
+        return self.session.run_with_ort_values(None, feeds)[0].numpy()
+
+
 class OrtStage(StageBackend):
     def __init__(self, folder: str | Path, manifest: Manifest, stage: str | int,
                  options: RuntimeOptions | None = None, verify: bool = True):
@@ -57,7 +76,7 @@ class OrtStage(StageBackend):
         self._load_training()
         self.output_names = self.module.output_names()
         self._bn = [(i, self.stage.bn_updates[n]) for i, n in enumerate(self.output_names) if n in self.stage.bn_updates]
-        self._sessions: dict[str, tuple[str, InferenceSession, dict]] = {}
+        self._sessions: dict[str, InferenceFile] = {}
         self._weights: dict[str, np.ndarray] = {}
         self._lr_scale = float(self.stage.optimizer["lr_scale"])
 
@@ -103,17 +122,10 @@ class OrtStage(StageBackend):
         return out
 
     def _run(self, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Run an inference file; its global weights are graph inputs, bound once per set of weights."""
-        names = self.stage.session_params[kind]
-        digest = _digest(self._weights, names)
-        cached = self._sessions.get(kind)
-        if cached is None or cached[0] != digest:
-            sess = cached[1] if cached else InferenceSession(
-                str(self.folder / self.stage.files[kind].path), self._so, providers=["CPUExecutionProvider"])
-            bound = {n: OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._weights[n])) for n in names}
-            cached = self._sessions[kind] = (digest, sess, bound)
-        feeds = {**cached[2], **{k: OrtValue.ortvalue_from_numpy(v) for k, v in inputs.items()}}
-        return cached[1].run_with_ort_values(None, feeds)[0].numpy()
+        if kind not in self._sessions:
+            self._sessions[kind] = InferenceFile(self.folder / self.stage.files[kind].path,
+                                                 self.stage.session_params[kind], self._so)
+        return self._sessions[kind].run(self._weights, inputs)
 
     def session_digest(self, kind: str) -> str:
         return self.stage.files[kind].sha256 + _digest(self._weights, self.stage.session_params[kind])

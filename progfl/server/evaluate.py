@@ -1,0 +1,36 @@
+"""Server-side accuracy of the global model as a stage sees it, on a held-out test set (ONNX Runtime, no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..device_runtime.backend import RuntimeOptions
+from ..device_runtime.ort_backend import InferenceFile, session_options
+from ..manifest import Manifest
+
+
+class Evaluator:
+    def __init__(self, folder: str | Path, manifest: Manifest, x: np.ndarray, y: np.ndarray, batch: int = 256,
+                 options: RuntimeOptions | None = None):
+        self.folder, self.manifest = Path(folder), manifest
+        self.x, self.y, self.batch = x, y, batch
+        self._so = session_options(options or RuntimeOptions())
+        self._files: dict[str, InferenceFile] = {}
+
+    def evaluate(self, stage: str, arrays: dict[str, np.ndarray]) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of stage's inference model with these global arrays."""
+        s = self.manifest.stage(stage)
+        if s.name not in self._files:
+            self._files = {s.name: InferenceFile(self.folder / s.files["inference"].path,
+                                                 s.session_params["inference"], self._so)}  # one resident
+        f = self._files[s.name]
+        correct, loss = 0, 0.0
+        for i in range(0, len(self.x), self.batch):
+            logits = f.run(arrays, {"inputs": self.x[i:i + self.batch]}).astype(np.float64)
+            y = self.y[i:i + self.batch]
+            z = logits - logits.max(axis=1, keepdims=True)
+            loss -= float((z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum())
+            correct += int((logits.argmax(axis=1) == y).sum())
+        return correct / len(self.y), loss / len(self.y)

@@ -1,0 +1,29 @@
+"""A fleet of devices with memory budgets, and what each can train.
+
+ProFL's fleet: 100 devices with budgets drawn uniformly from 100..900 MB against full-model training at
+840 MB, so ~7.6 % of devices hold the full model. Absolute MB depend on the engine and model, so progfl keeps
+the shape, not the numbers: budgets uniform between what the smallest stage needs and a ceiling chosen so that
+`full_share` of the devices hold full-model training (both at micro-batch 1, as the manifest sizes them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..manifest import Manifest, ManifestError, predicted_peak_mb
+
+
+def required_mb(manifest: Manifest, stage: str) -> float:
+    """The smallest budget that lets a device take part in a stage (micro-batch 1 plus the safety margin)."""
+    return predicted_peak_mb(manifest.stage(stage), 1) / (1.0 - manifest.safety_margin)
+
+
+def profl_fleet(manifest: Manifest, n: int, rng: np.random.Generator, full_share: float = 0.08) -> list[float]:
+    if not 0 < full_share < 1:
+        raise ManifestError("full_share must be in (0, 1)")
+    low = min(required_mb(manifest, s.name) for s in manifest.stages if s.kind != "full")
+    full = required_mb(manifest, "full")
+    if full <= low:
+        raise ManifestError("the full model needs no more memory than the smallest stage: nothing to be progressive about")
+    high = (full - full_share * low) / (1.0 - full_share)  # P(budget >= full) = (high - full) / (high - low)
+    return [round(float(b), 1) for b in rng.uniform(low, high, n)]

@@ -1,0 +1,154 @@
+"""A plan: the order in which stages are trained, who trains each round, and when to move on.
+
+Like a Flower strategy, a plan has paired steps: `configure_train` picks devices and writes their tasks,
+`aggregate_train` folds the updates into the global arrays and decides whether the active block is done.
+Concrete plans (ProFL, NeuLite, SmartFreeze, the baselines) mostly just declare their phases and selector.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ...manifest import Manifest, ManifestError, Stage, TrainTask, TrainUpdate, size_stage
+from ..aggregate import Aggregator
+from ..pace import PaceConfig, PaceController
+from ..selection import DeviceInfo, Selector, UniformSelector, eligible
+from ..state import ServerState
+
+
+@dataclass
+class Phase:
+    """One stretch of training on one stage. freeze='em': the pace controller ends it (min/max rounds in
+    PaceConfig); 'fixed': exactly `rounds` rounds. memory=False ignores budgets (FedAvg's upper bound)."""
+
+    stage: str
+    freeze: str = "em"
+    rounds: int = 0
+    memory: bool = True
+    lr: float | None = None  # None: the plan's lr
+
+
+@dataclass
+class PlanConfig:
+    rounds: int = 40  # the round budget; a plan whose phases end earlier stops there
+    per_round: int = 10
+    lr: float = 0.05
+    epochs: int = 1
+    min_updates: int = 1
+    seed: int = 0
+    pace: PaceConfig = field(default_factory=PaceConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # plan-specific settings, documented per plan
+
+
+class Plan(ABC):
+    name: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]]  # stage kinds the export must contain
+
+    def __init__(self, manifest: Manifest, config: PlanConfig):
+        self.manifest, self.config = manifest, config
+        missing = set(self.kinds) - {s.kind for s in manifest.stages}
+        if missing:
+            raise ManifestError(f"plan {self.name} needs stage kinds {sorted(missing)}: export with "
+                                f"--stages {','.join(sorted(set(self.kinds)))}")
+        self.phases = self.build_phases()
+        self.pace = PaceController(config.pace)
+        self.selector: Selector = UniformSelector()
+
+    @abstractmethod
+    def build_phases(self) -> list[Phase]: ...
+
+    # ---- position in the plan (kept in ServerState.plan_state so a resumed run continues exactly) ----
+    def start(self, state: ServerState) -> None:
+        state.plan_state = {"phase": 0, "rounds_in_phase": 0, "speed": {}}
+        self._enter_phase(state)
+
+    def done(self, state: ServerState) -> bool:
+        return state.plan_state["phase"] >= len(self.phases) or state.round >= self.config.rounds
+
+    def phase(self, state: ServerState) -> Phase:
+        return self.phases[state.plan_state["phase"]]
+
+    def stage(self, state: ServerState) -> Stage:
+        return self.manifest.stage(self.phase(state).stage)
+
+    def active_names(self, stage: Stage) -> list[str]:
+        """The active block's trainable arrays: what EM watches."""
+        prefix = {"grow": f"blocks.{stage.block}.", "neulite": f"blocks.{stage.block}.",
+                  "distill": f"basics.{stage.block}."}.get(stage.kind, "")
+        return [n for n in stage.trainable_names if n.startswith(prefix)]
+
+    def _enter_phase(self, state: ServerState) -> None:
+        state.plan_state["rounds_in_phase"] = 0
+        if state.plan_state["phase"] < len(self.phases):
+            stage = self.stage(state)
+            names = self.active_names(stage)
+            self.pace.start_stage(stage.name, {n: state.arrays[n] for n in names}, self.config.seed)
+            state.pace = self.pace.state_dict()
+
+    # ---- configure / aggregate ----
+    def candidates(self, devices: list[DeviceInfo], state: ServerState) -> list[DeviceInfo]:
+        if not self.phase(state).memory:
+            return list(devices)
+        return eligible(devices, self.stage(state), self.manifest.batch_size, self.manifest.safety_margin)
+
+    def configure_train(self, state: ServerState, devices: list[DeviceInfo],
+                        rng: np.random.Generator) -> list[tuple[DeviceInfo, TrainTask]]:
+        stage, phase, m = self.stage(state), self.phase(state), self.manifest
+        pool = self.candidates(devices, state)
+        chosen = self.selector.select(pool, stage, self.config.per_round, rng, m.batch_size, m.safety_margin)
+        weights = {p.name: state.arrays[p.name] for p in stage.needed(m)}
+        tasks = []
+        for d in sorted(chosen, key=lambda d: d.id):
+            if phase.memory:
+                z = size_stage(stage, d.budget_mb, m.batch_size, m.safety_margin)
+                micro, accum = z.micro_batch, z.accum_steps
+            else:
+                micro, accum = m.batch_size, 1
+            seed = zlib.crc32(f"{self.config.seed}:{state.round + 1}:{d.id}".encode())
+            tasks.append((d, TrainTask(round=state.round + 1, stage=stage.name, manifest_sha256="", weights=weights,
+                                       lr=phase.lr or self.config.lr, epochs=self.config.epochs,
+                                       batch_size=m.batch_size, micro_batch=micro, accum_steps=accum, seed=seed,
+                                       budget_mb=d.budget_mb)))
+        return tasks
+
+    def aggregate_train(self, state: ServerState, results: list[tuple[DeviceInfo, TrainUpdate]]) -> dict[str, Any]:
+        """Average the accepted updates into the global arrays, then let the phase decide whether to move on."""
+        stage = self.stage(state)
+        expected = [p for p in stage.params if p.name in set(stage.updated_names)]
+        agg = Aggregator(expected, self.config.min_updates, state.round + 1, stage.name)
+        for d, u in sorted(results, key=lambda r: r[0].id):  # a fixed order: sums do not depend on arrival
+            agg.add(u, d.id)
+            if u.metrics.get("samples_per_s"):
+                state.plan_state["speed"][str(d.id)] = float(u.metrics["samples_per_s"])
+        result = agg.result()
+        state.arrays = Aggregator.merge(state.arrays, result)
+        state.round += 1
+        record = {"round": state.round, "stage": stage.name, "phase": state.plan_state["phase"],
+                  "participants": [d.id for d, _ in results], "dropped": [list(x) for x in agg.dropped],
+                  "kept_previous": result is None, "train_loss": agg.metrics().get("loss")}
+        record.update(self._advance(state, stage))
+        return record
+
+    def _advance(self, state: ServerState, stage: Stage) -> dict[str, Any]:
+        phase = self.phase(state)
+        state.plan_state["rounds_in_phase"] += 1
+        em = self.pace.observe({n: state.arrays[n] for n in self.pace.names})
+        if phase.freeze == "em":
+            froze, reason = self.pace.should_freeze()
+        else:
+            froze = state.plan_state["rounds_in_phase"] >= phase.rounds
+            reason = f"fixed: {state.plan_state['rounds_in_phase']}/{phase.rounds} rounds"
+        state.pace = self.pace.state_dict()
+        if froze:
+            state.plan_state["phase"] += 1
+            self._enter_phase(state)
+        return {"em": em, "froze": froze, "freeze_reason": reason}
+
+    def restore(self, state: ServerState) -> None:
+        """Continue from a checkpoint: the pace controller's window and sample come back as they were."""
+        self.pace.load_state_dict(state.pace)

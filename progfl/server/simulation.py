@@ -1,0 +1,191 @@
+"""`progfl simulate`: N virtual devices on this machine, each local round run by the real device runtime on the
+real artifacts in worker processes, each device's peak memory measured; a checkpoint after every round.
+
+One round, top to bottom: plan.configure_train picks devices and writes tasks -> workers run
+device_runtime.trainer.train_round (ORT) -> plan.aggregate_train averages and may freeze the block ->
+Evaluator scores the global model -> history.json and the checkpoint are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..manifest import Manifest, ManifestError, TrainTask, TrainUpdate, write_atomic
+from .evaluate import Evaluator
+from .fleet import profl_fleet
+from .pace import PaceConfig
+from .plans import PlanConfig, make_plan
+from .selection import DeviceInfo
+from .state import ServerState, StateError, load_state, restore_rng, save_state
+
+
+@dataclass
+class SimConfig:
+    plan: str
+    artifacts: str
+    out: str
+    dataset: str = "mnist5k"
+    data_path: str | None = None
+    partition: str = "iid"  # iid | dirichlet | shards
+    alpha: float = 0.5
+    devices: int = 20
+    per_round: int = 5
+    rounds: int = 30
+    epochs: int = 1
+    lr: float = 0.05
+    seed: int = 0
+    workers: int = 2
+    full_share: float = 0.08
+    fleet: list[float] | None = None  # explicit budgets (MB), one per device; default: ProFL's fleet
+    feature_cache: bool = True
+    target: float | None = None
+    pace: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- worker side: one process is one device at a time; it keeps one stage loaded ----
+_worker: dict[str, Any] = {}
+
+
+def _worker_init(artifacts: str) -> None:
+    from ..device_runtime.backend import RuntimeOptions
+
+    _worker.update(artifacts=artifacts, manifest=Manifest.load(artifacts), stage=None,
+                   options=RuntimeOptions(threads=1))  # one thread per worker: the workers share the cores
+
+
+def _worker_train(shard: str, cache_dir: str | None, task: TrainTask) -> TrainUpdate:
+    from ..device_runtime.cache import FeatureCache
+    from ..device_runtime.ort_backend import OrtStage
+    from ..device_runtime.shard import read_shard
+    from ..device_runtime.trainer import train_round
+
+    m = _worker["manifest"]
+    if _worker["stage"] is None or _worker["stage"].stage.name != task.stage:
+        _worker["stage"] = None  # free the old stage first: a device holds one stage
+        _worker["stage"] = OrtStage(_worker["artifacts"], m, task.stage, _worker["options"])
+    x, y = read_shard(shard)
+    cache = FeatureCache(cache_dir) if cache_dir else None
+    return train_round(_worker["stage"], m.stage(task.stage), task, x, y, cache)
+
+
+# ---- server side ----
+def _prepare_data(cfg: SimConfig, manifest: Manifest, run: Path) -> tuple[list[DeviceInfo], np.ndarray, np.ndarray]:
+    from ..data import dirichlet, iid, load_dataset, read_dataset, shards, write_dataset, write_shards
+
+    data_dir = run / "data"
+    if not (data_dir / "index.json").exists():
+        train, test = load_dataset(cfg.dataset, cfg.data_path, seed=cfg.seed)
+        if list(train.x.shape[1:]) != list(manifest.input_shape):
+            raise ManifestError(f"dataset {cfg.dataset} has samples of shape {list(train.x.shape[1:])}, the exported "
+                                f"model takes {manifest.input_shape}: export with --input-shape "
+                                f"{','.join(map(str, train.x.shape[1:]))}")
+        rng = np.random.default_rng(cfg.seed)
+        parts = {"iid": lambda: iid(train.y, cfg.devices, rng),
+                 "dirichlet": lambda: dirichlet(train.y, cfg.devices, cfg.alpha, rng),
+                 "shards": lambda: shards(train.y, cfg.devices, 2, rng)}
+        if cfg.partition not in parts:
+            raise ValueError(f"unknown partition {cfg.partition!r}: use iid, dirichlet or shards")
+        write_shards(train, parts[cfg.partition](), data_dir)
+        write_dataset(test, run / "test.npz")
+    index = json.loads((data_dir / "index.json").read_text())
+    budgets = cfg.fleet or profl_fleet(manifest, cfg.devices, np.random.default_rng([cfg.seed, 1]), cfg.full_share)
+    devices = [DeviceInfo(i, budgets[i], int(index["counts"][i]), np.asarray(index["label_histograms"][i]))
+               for i in range(cfg.devices)]
+    test = read_dataset(run / "test.npz")
+    return devices, test.x, test.y
+
+
+def _progress(r: int, total: int, record: dict) -> None:
+    acc = record.get("accuracy")
+    line = (f"round {r:>3}/{total} {record['stage']:<10} acc {acc if acc is None else f'{acc:.3f}'} "
+            f"devices {len(record['participants']):>2} em {record['em'] if record['em'] is None else round(record['em'], 3)}")
+    bar = "#" * int(30 * r / total)
+    sys.stderr.write(f"\r[{bar:<30}] {line}" if sys.stderr.isatty() else f"[{bar:<30}] {line}\n")
+    sys.stderr.flush()
+
+
+class Stopped(Exception):
+    """The run was stopped on purpose after a round (tests; a user presses Ctrl-C instead)."""
+
+
+def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> Path:
+    run = Path(cfg.out)
+    manifest = Manifest.load(cfg.artifacts)
+    manifest.verify_files(cfg.artifacts)
+    if cfg.devices < 1 or cfg.per_round < 1 or cfg.rounds < 1:
+        raise ValueError("devices, per-round and rounds must be positive")
+    if cfg.fleet is not None and (len(cfg.fleet) != cfg.devices or min(cfg.fleet) <= 0):
+        raise ValueError(f"the fleet lists {len(cfg.fleet)} budgets for {cfg.devices} devices (all must be > 0 MB)")
+    plan = make_plan(cfg.plan, manifest, PlanConfig(rounds=cfg.rounds, per_round=cfg.per_round, lr=cfg.lr,
+                                                    epochs=cfg.epochs, seed=cfg.seed, pace=PaceConfig(**cfg.pace),
+                                                    options=cfg.options))
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise ValueError(f"{run}: run folder exists and is not empty (use --resume to continue it)")
+    run.mkdir(parents=True, exist_ok=True)
+    devices, tx, ty = _prepare_data(cfg, manifest, run)
+    evaluator = Evaluator(cfg.artifacts, manifest, tx, ty)
+    config = asdict(cfg)
+    if resume and (run / "checkpoint").exists():
+        state = load_state(run)
+        if state.config != json.loads(json.dumps(config)):
+            raise StateError(f"{run}: the checkpoint was made with other settings; resume with the same ones")
+        plan.restore(state)
+    else:
+        state = ServerState(round=0, plan=plan.name, plan_state={}, arrays=manifest.initial_weights(cfg.artifacts),
+                            pace={}, rng=np.random.default_rng([cfg.seed, 2]).bit_generator.state, config=config)
+        state.config = json.loads(json.dumps(config))
+        plan.start(state)
+    fleet = [{"id": d.id, "budget_mb": d.budget_mb} for d in devices]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(str(cfg.artifacts),)) as pool:
+        while not plan.done(state):
+            t0 = time.perf_counter()
+            rng = restore_rng(state.rng)
+            eligible = len(plan.candidates(devices, state))
+            tasks = plan.configure_train(state, devices, rng)
+            state.rng = rng.bit_generator.state
+            futures = [(d, pool.submit(_worker_train, str(run / "data" / f"device_{d.id:04d}.npz"),
+                                       str(run / "cache" / f"device_{d.id:04d}") if cfg.feature_cache else None, t))
+                       for d, t in tasks]
+            results = [(d, f.result()) for d, f in futures]
+            stage = plan.stage(state).name
+            record = plan.aggregate_train(state, results)
+            record["accuracy"], record["test_loss"] = evaluator.evaluate(stage, state.arrays)
+            record["eligible"] = eligible
+            record["devices"] = [{"id": d.id, "budget_mb": d.budget_mb, "peak_mb": u.metrics["peak_mb"],
+                                  "seconds": u.metrics["seconds"], "samples": u.num_samples,
+                                  "over_budget": bool(u.metrics.get("over_budget"))} for d, u in results]
+            record["round_seconds"] = max((u.metrics["seconds"] for _, u in results), default=0.0)  # none eligible: 0
+            record["wall_seconds"] = time.perf_counter() - t0
+            state.history.append(record)
+            save_state(state, run)
+            _write_history(run, plan.name, config, fleet, state)
+            if not quiet:
+                _progress(state.round, cfg.rounds, record)
+            if stop_after is not None and state.round >= stop_after:
+                raise Stopped(f"stopped after round {state.round}")
+    if not quiet and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    from .report import write_report
+
+    write_report([run], run, cfg.target)
+    return run
+
+
+def _write_history(run: Path, plan: str, config: dict, fleet: list[dict], state: ServerState) -> None:
+    last = state.history[-1]
+    doc = {"plan": plan, "config": config, "fleet": fleet, "rounds": state.history,
+           "final": {"accuracy": last["accuracy"], "rounds": state.round, "stage": last["stage"]}}
+    write_atomic(run / "history.json", json.dumps(doc, indent=1, default=float).encode())
