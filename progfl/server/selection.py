@@ -33,12 +33,16 @@ def eligible(devices: list[DeviceInfo], stage: Stage, batch: int, margin: float)
 
 
 class UniformSelector:
-    """k devices uniformly at random, without replacement, among the eligible ones (all if fewer)."""
+    """k devices uniformly at random, without replacement, among the eligible ones (all if fewer).
+    memory=False skips the memory check: only for FedAvg's upper bound, which ignores budgets on purpose."""
+
+    def __init__(self, memory: bool = True) -> None:
+        self.memory = memory
 
     def select(
         self, devices: list[DeviceInfo], stage: Stage, k: int, rng: np.random.Generator, batch: int, margin: float
     ) -> list[DeviceInfo]:
-        pool = eligible(devices, stage, batch, margin)
+        pool = eligible(devices, stage, batch, margin) if self.memory else list(devices)
         if k >= len(pool):
             return pool
         return [pool[i] for i in rng.choice(len(pool), size=max(k, 0), replace=False)]

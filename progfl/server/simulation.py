@@ -53,14 +53,15 @@ class SimConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-# ---- worker side: one process is one device at a time; it keeps one stage loaded ----
+# ---- worker side: one process is one device for one round ----
+from ..device_runtime import ort_backend as _preload  # noqa: E402,F401  (ORT imported once, in the fork server)
 _worker: dict[str, Any] = {}
 
 
 def _worker_init(artifacts: str) -> None:
     from ..device_runtime.backend import RuntimeOptions
 
-    _worker.update(artifacts=artifacts, manifest=Manifest.load(artifacts), stage=None,
+    _worker.update(artifacts=artifacts, manifest=Manifest.load(artifacts),
                    options=RuntimeOptions(threads=1))  # one thread per worker: the workers share the cores
 
 
@@ -71,16 +72,14 @@ def _worker_train(shard: str, cache_dir: str | None, task: TrainTask) -> TrainUp
     from ..device_runtime.trainer import train_round
 
     m = _worker["manifest"]
-    if _worker["stage"] is None or _worker["stage"].stage.name != task.stage:
-        _worker["stage"] = None  # free the old stage first: a device holds one stage
-        _worker["stage"] = OrtStage(_worker["artifacts"], m, task.stage, _worker["options"])
+    backend = OrtStage(_worker["artifacts"], m, task.stage, _worker["options"])
     x, y = read_shard(shard)
     cache = FeatureCache(cache_dir) if cache_dir else None
-    return train_round(_worker["stage"], m.stage(task.stage), task, x, y, cache)
+    return train_round(backend, m.stage(task.stage), task, x, y, cache)
 
 
 # ---- server side ----
-def _prepare_data(cfg: SimConfig, manifest: Manifest, run: Path) -> tuple[list[DeviceInfo], np.ndarray, np.ndarray]:
+def prepare_data(cfg: SimConfig, manifest: Manifest, run: Path) -> tuple[list[DeviceInfo], np.ndarray, np.ndarray]:
     from ..data import dirichlet, iid, load_dataset, read_dataset, shards, write_dataset, write_shards
 
     data_dir = run / "data"
@@ -133,7 +132,7 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
     if run.exists() and any(run.iterdir()) and not resume:
         raise ValueError(f"{run}: run folder exists and is not empty (use --resume to continue it)")
     run.mkdir(parents=True, exist_ok=True)
-    devices, tx, ty = _prepare_data(cfg, manifest, run)
+    devices, tx, ty = prepare_data(cfg, manifest, run)
     evaluator = Evaluator(cfg.artifacts, manifest, tx, ty)
     config = asdict(cfg)
     if resume and (run / "checkpoint").exists():
@@ -148,8 +147,14 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
         plan.start(state)
     fleet = [{"id": d.id, "budget_mb": d.budget_mb} for d in devices]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(str(cfg.artifacts),)) as pool:
+    # a fresh process per device-round: a device runs only its own job, so its peak must not include what the
+    # allocator kept from other devices' rounds (long-lived workers measured up to 1.5x the probe's peak)
+    # forkserver: each device process forks from a server that has imported numpy and ONNX Runtime but built
+    # no session, so a device starts clean at a fraction of a fresh interpreter's start-up cost
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload(["progfl.server.simulation"])
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(str(cfg.artifacts),), max_tasks_per_child=1) as pool:
         while not plan.done(state):
             t0 = time.perf_counter()
             rng = restore_rng(state.rng)
@@ -171,7 +176,7 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
             record["wall_seconds"] = time.perf_counter() - t0
             state.history.append(record)
             save_state(state, run)
-            _write_history(run, plan.name, config, fleet, state)
+            write_history(run, plan.name, config, fleet, state)
             if not quiet:
                 _progress(state.round, cfg.rounds, record)
             if stop_after is not None and state.round >= stop_after:
@@ -184,7 +189,7 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
     return run
 
 
-def _write_history(run: Path, plan: str, config: dict, fleet: list[dict], state: ServerState) -> None:
+def write_history(run: Path, plan: str, config: dict, fleet: list[dict], state: ServerState) -> None:
     last = state.history[-1]
     doc = {"plan": plan, "config": config, "fleet": fleet, "rounds": state.history,
            "final": {"accuracy": last["accuracy"], "rounds": state.round, "stage": last["stage"]}}

@@ -1,0 +1,1 @@
+import progfl.device_runtime.flower; app = progfl.device_runtime.flower.app  # the ClientApp lives in the installed progfl package

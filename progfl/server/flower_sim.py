@@ -1,0 +1,102 @@
+"""`progfl simulate --engine flower`: the same experiment as progfl.server.simulation, on Flower's simulation
+engine (Ray), one virtual SuperNode per device.
+
+Flower 1.41's simulation engine gives every virtual node the same node config, {partition-id, num-partitions}
+(flwr/server/superlink/fleet/vce/vce_api.py:_register_node_info_stores); neither run_simulation nor the
+backend config can set per-node keys. So each node's settings (its memory budget from the fleet, its shard,
+its artifact cache, its device id) go into a JSON file keyed by partition-id, which the ClientApp reads
+(progfl.device_runtime.flower.NodeSettings). The same file works with `flwr run` on a simulation connection
+through the run config key `sim-fleet`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..manifest import Manifest, write_atomic
+from .selection import DeviceInfo
+from .simulation import SimConfig, prepare_data  # proposed public: prepare_data
+
+
+def write_fleet(devices: list[DeviceInfo], run: Path, feature_cache: bool = True, threads: int = 1) -> Path:
+    """run/flower/fleet.json: partition-id -> node settings. The artifact cache is shared by the virtual nodes
+    (one machine; writes are atomic and hash-checked), the feature cache is per device as in progfl simulate."""
+    folder = run / "flower"
+    folder.mkdir(parents=True, exist_ok=True)
+    fleet: dict[str, dict[str, Any]] = {}
+    for d in devices:
+        entry: dict[str, Any] = {"memory-mb": float(d.budget_mb), "data-path": str(run / "data" / f"device_{d.id:04d}.npz"),
+                                 "artifacts-dir": str(folder / "artifacts"), "backend": "ort", "threads": threads,
+                                 "device-id": int(d.id)}
+        if feature_cache:
+            entry["feature-cache"] = str(run / "cache" / f"device_{d.id:04d}")
+        fleet[str(d.id)] = entry
+    path = folder / "fleet.json"
+    write_atomic(path, json.dumps(fleet, indent=1).encode())
+    return path
+
+
+def run_flower_simulation(cfg: SimConfig, quiet: bool = False) -> Path:
+    """Run cfg on Flower's simulation engine: cfg.devices virtual nodes, cfg.workers Ray actors (1 CPU each).
+    Writes the same run folder as progfl simulate (data/, test.npz, history.json, checkpoint/, report)."""
+    import logging
+
+    import ray
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.app import Context
+    from flwr.simulation import run_simulation
+
+    from ..device_runtime.flower import make_client_app
+    from .flower import FlowerRunConfig, run_server
+
+    run = Path(cfg.out)
+    manifest = Manifest.load(cfg.artifacts)
+    manifest.verify_files(cfg.artifacts)
+    if cfg.devices < 1 or cfg.per_round < 1 or cfg.rounds < 1:
+        raise ValueError("devices, per-round and rounds must be positive")
+    if cfg.fleet is not None and (len(cfg.fleet) != cfg.devices or min(cfg.fleet) <= 0):
+        raise ValueError(f"the fleet lists {len(cfg.fleet)} budgets for {cfg.devices} devices (all must be > 0 MB)")
+    if run.exists() and any(run.iterdir()):
+        raise ValueError(f"{run}: run folder exists and is not empty")
+    run.mkdir(parents=True, exist_ok=True)
+    devices, _, _ = prepare_data(cfg, manifest, run)
+    fleet = write_fleet(devices, run, cfg.feature_cache)
+    fcfg = FlowerRunConfig(artifacts=str(Path(cfg.artifacts).resolve()), out=str(run), plan=cfg.plan, rounds=cfg.rounds,
+                           per_round=cfg.per_round, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
+                           test_data=str(run / "test.npz"), min_nodes=cfg.devices, pace=dict(cfg.pace),
+                           options=dict(cfg.options))
+    sim_config = {k: v for k, v in vars(cfg).items() if k not in ("out", "artifacts")}
+    errors: list[BaseException] = []
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            run_server(grid, fcfg, {"simulation": sim_config})
+        except BaseException as e:  # surfaced below: Flower only logs a ServerApp's exception
+            errors.append(e)
+            raise
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    was_up = ray.is_initialized()
+    level = logging.getLogger("flwr").level
+    if quiet:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    try:
+        run_simulation(server_app=server, client_app=make_client_app(str(fleet)), num_supernodes=cfg.devices,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": max(1, cfg.workers), "num_gpus": 0,
+                                                     "include_dashboard": False}})
+    finally:
+        logging.getLogger("flwr").setLevel(level)
+        if not was_up and ray.is_initialized():
+            ray.shutdown()
+    if errors:
+        raise errors[0]
+    if not (run / "history.json").exists():
+        raise RuntimeError(f"{run}: the Flower simulation wrote no history (see Flower's log above)")
+    return run
