@@ -61,14 +61,14 @@ def main() -> None:
 def export(model_name, out, num_classes, input_shape, norm, width, stages, opset, batch_size, optimizer, momentum,
            weight_decay, devices, margin, measure, measure_batches, seed, explain) -> None:
     """Compile every stage of a model into ONNX Runtime training artifacts sized to device memory."""
-    from .exporter import ExportError, OptimizerConfig, check_output_folder, explain as explain_table, export_model
+    from pathlib import Path
+
+    from .exporter import OptimizerConfig, check_output_folder, explain as explain_table, export_model
     from .exporter.sizing import load_device_classes
     from .models import load_model
 
-    check_output_folder(__import__("pathlib").Path(out))
+    check_output_folder(Path(out))  # before the model is built: fail fast on the cheapest mistake
     classes = load_device_classes(devices)
-    if not 17 <= opset <= 21:
-        raise ExportError(f"opset {opset} is not supported: use 17..21")
     model = load_model(model_name, num_classes, tuple(_ints(input_shape, "--input-shape")), norm, width, seed)
     manifest = export_model(
         model, out, classes, kinds=tuple(k.strip() for k in stages.split(",") if k.strip()), opset=opset,
@@ -252,6 +252,7 @@ def device() -> None:
 def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, seed, threads, cache_dir, out) -> None:
     """Train one stage locally and print the update's metrics as JSON."""
     import json
+    from pathlib import Path
 
     from .device_runtime.backend import RuntimeOptions
     from .device_runtime.device import Device, read_shard
@@ -262,7 +263,7 @@ def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, se
     dev = Device(artifacts, x, y, budget_mb, RuntimeOptions(threads=threads), cache_dir)
     s = dev.manifest.stage(stage)
     micro, accum = dev.plan(s.name)
-    arrays = open_npz(__import__("pathlib").Path(weights)) if weights else dev.manifest.initial_weights(artifacts)
+    arrays = open_npz(Path(weights)) if weights else dev.manifest.initial_weights(artifacts)
     task = TrainTask(round=0, stage=s.name, manifest_sha256=dev.manifest_sha256,
                      weights={p.name: arrays[p.name] for p in s.needed(dev.manifest) if p.name in arrays},
                      lr=lr, epochs=epochs, batch_size=dev.manifest.batch_size, micro_batch=micro,

@@ -328,8 +328,6 @@ def file_ref(root: Path, path: Path) -> FileRef:
     return FileRef(path=str(path.relative_to(root)), sha256=sha256_file(path), size=size)
 
 
-def mb(nbytes: float) -> float:
-    return math.ceil(nbytes / 2**20 * 10) / 10
 
 
 def predicted_peak_mb(stage: Stage, micro_batch: int) -> float:

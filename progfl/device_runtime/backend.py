@@ -14,6 +14,7 @@ class RuntimeOptions:
     (kSameAsRequested), measured to keep ORT's peak low without the slowdown of disabling the arena."""
 
     threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    spin: bool = False  # busy-wait between ops: measured neutral when idle, 2x slower under background load
     low_memory: bool = True
     graph_optimization: str = "all"  # all | extended | basic | disabled
 

@@ -26,6 +26,8 @@ def session_options(opts: RuntimeOptions) -> SessionOptions:
     if opts.threads:
         so.intra_op_num_threads = opts.threads
     so.inter_op_num_threads = 1
+    if not opts.spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = _OPT_LEVELS[opts.graph_optimization]
     so.log_severity_level = 3
     if opts.low_memory:
@@ -52,14 +54,17 @@ class InferenceFile:
     def __init__(self, path: str | Path, weight_names: list[str], so: SessionOptions):
         self.names = weight_names
         self.session = InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self._digest, self._bound = "", {}
+        self.digest, self._bound = "", {}
 
-    def run(self, weights: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def bind(self, weights: dict[str, np.ndarray]) -> None:
+        """Bind this round's weights (hashing them is not free: call it when they change, not per batch)."""
         digest = _digest(weights, self.names)
-        if digest != self._digest:
+        if digest != self.digest:
             self._arrays = {n: np.ascontiguousarray(weights[n], np.float32) for n in self.names}  # OrtValues borrow these
             self._bound = {n: OrtValue.ortvalue_from_numpy(a) for n, a in self._arrays.items()}
-            self._digest = digest
+            self.digest = digest
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         feeds = {**self._bound, **{k: OrtValue.ortvalue_from_numpy(v) for k, v in inputs.items()}}
         return self.session.run_with_ort_values(None, feeds)[0].numpy()
 
@@ -77,6 +82,7 @@ class OrtStage(StageBackend):
         self.output_names = self.module.output_names()
         self._bn = [(i, self.stage.bn_updates[n]) for i, n in enumerate(self.output_names) if n in self.stage.bn_updates]
         self._sessions: dict[str, InferenceFile] = {}
+        self._fresh: set[str] = set()  # files whose bound weights are current
         self._weights: dict[str, np.ndarray] = {}
         self._lr_scale = float(self.stage.optimizer["lr_scale"])
 
@@ -103,6 +109,7 @@ class OrtStage(StageBackend):
         needed = s.needed(self.manifest)
         check_arrays(arrays, needed, f"weights for stage {s.name}")
         self._weights = {p.name: np.asarray(arrays[p.name], np.float32) for p in needed}
+        self._fresh.clear()
         flat = np.concatenate([self._weights[p.name].ravel() for p in s.params])
         value = OrtValue.ortvalue_from_numpy(flat)  # does not copy: keep flat alive through the call
         self.module.copy_buffer_to_parameters(value._ortvalue, trainable_only=False)  # raw value: API quirk
@@ -121,14 +128,22 @@ class OrtStage(StageBackend):
             offset += n
         return out
 
+    def _file(self, kind: str) -> InferenceFile:
+        """The inference file with the current weights bound (rebound once after each change of weights)."""
+        f = self._sessions.get(kind)
+        if f is None:
+            f = self._sessions[kind] = InferenceFile(self.folder / self.stage.files[kind].path,
+                                                     self.stage.session_params[kind], self._so)
+        if kind not in self._fresh:
+            f.bind(self._weights)
+            self._fresh.add(kind)
+        return f
+
     def _run(self, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        if kind not in self._sessions:
-            self._sessions[kind] = InferenceFile(self.folder / self.stage.files[kind].path,
-                                                 self.stage.session_params[kind], self._so)
-        return self._sessions[kind].run(self._weights, inputs)
+        return self._file(kind).run(inputs)
 
     def session_digest(self, kind: str) -> str:
-        return self.stage.files[kind].sha256 + _digest(self._weights, self.stage.session_params[kind])
+        return self.stage.files[kind].sha256 + self._file(kind).digest
 
     def features(self, x: np.ndarray) -> np.ndarray:
         if "prefix" not in self.stage.files:
@@ -142,6 +157,7 @@ class OrtStage(StageBackend):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         self._weights.update(self.get_weights())
+        self._fresh.discard("inference")
         return self._run("inference", {"inputs": x})
 
     # --- training ---

@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-from ..device_runtime.probe import run_probe
 from ..manifest import DeviceClass, Manifest, MemoryPoint, Stage, size_stage
 
 RUNTIME_BASELINE_MB = 60.0  # python + numpy + onnxruntime after import (~52 MB) + sessions (~8 MB), x86_64
@@ -33,6 +32,8 @@ def estimate(stage: Stage, batch: int) -> MemoryPoint:
 
 
 def fill_memory(manifest: Manifest, folder: Path, batches: list[int], measured: bool, progress=None) -> None:
+    from ..device_runtime.probe import run_probe  # here, not at the top: EagerStage users get no ORT in their RSS
+
     for s in manifest.stages:
         s.memory = []
         for b in batches:

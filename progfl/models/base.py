@@ -132,10 +132,3 @@ class BlockModel(nn.Module):
     def forward_stage(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Logits of the model as stage t sees it: blocks 0..t, then block t's output module."""
         return self.classifier(self.head(self.run_blocks(x, 0, t + 1), t))
-
-    def describe(self) -> list[dict]:
-        """Per block: parameter count and output shape (for `progfl export --explain` and docs)."""
-        return [
-            {"block": k, "params": sum(p.numel() for p in b.parameters()), "output": list(self.shapes[k + 1])}
-            for k, b in enumerate(self.blocks)
-        ]

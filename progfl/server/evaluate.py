@@ -26,9 +26,10 @@ class Evaluator:
             self._files = {s.name: InferenceFile(self.folder / s.files["inference"].path,
                                                  s.session_params["inference"], self._so)}  # one resident
         f = self._files[s.name]
+        f.bind(arrays)
         correct, loss = 0, 0.0
         for i in range(0, len(self.x), self.batch):
-            logits = f.run(arrays, {"inputs": self.x[i:i + self.batch]}).astype(np.float64)
+            logits = f.run({"inputs": self.x[i:i + self.batch]}).astype(np.float64)
             y = self.y[i:i + self.batch]
             z = logits - logits.max(axis=1, keepdims=True)
             loss -= float((z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum())
