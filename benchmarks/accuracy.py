@@ -62,8 +62,8 @@ def main() -> None:
     devices, per_round, rounds = (20, 5, 12) if a.quick else (100, 20, 60)
     rounds = a.rounds or rounds
     datasets = (a.datasets or ("mnist5k" if a.quick else "mnist5k,animal-mnist")).split(",")
-    partitions = (a.partitions or ("iid" if a.quick else "iid,dirichlet")).split(",")
-    results = []
+    partitions = (a.partitions or ("iid" if a.quick else "dirichlet,iid")).split(",")
+    results: list[dict] = []
     for dataset in datasets:
         for partition in partitions:
             folder = out / f"accuracy-{dataset}-{partition}"
@@ -80,10 +80,15 @@ def main() -> None:
                 s = summarize(load_history(r), a.target)
                 results.append({"dataset": dataset, "partition": partition, **{k: v for k, v in s.items() if k != "stages"}})
             print(compare_table([load_history(r) for r in runs], a.target), flush=True)
+            write_results(out, results, devices, per_round, rounds, a.width, a.target)  # after each grid cell
+
+
+def write_results(out: Path, results: list[dict], devices: int, per_round: int, rounds: int, width: int,
+                  target: float) -> None:
     write_atomic(out / "accuracy.json", json.dumps({"devices": devices, "per_round": per_round, "rounds": rounds,
-                                                     "width": a.width, "pace": PACE, "results": results},
+                                                     "width": width, "pace": PACE, "results": results},
                                                     indent=1, default=float).encode())
-    lines = [f"{devices} devices, {per_round} per round, {rounds} rounds, ResNet-18 width {a.width}, target {a.target}",
+    lines = [f"{devices} devices, {per_round} per round, {rounds} rounds, ResNet-18 width {width}, target {target}",
              "", "| dataset | partition | plan | final acc | best acc | rounds to target | device-s to target "
              "| took part | max peak/budget | over-budget rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -92,8 +97,7 @@ def main() -> None:
                      f"{f(r['best_accuracy'])} | {f(r['rounds_to_target'])} | {f(r['device_seconds_to_target'], 1)} | "
                      f"{r['participation_share']:.0%} | {f(r['max_peak_ratio'], 2)} | {r['over_budget_device_rounds']} |")
     write_atomic(out / "accuracy.md", ("\n".join(lines) + "\n").encode())
-    print("\n".join(lines))
-
+    print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
     main()

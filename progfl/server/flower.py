@@ -42,7 +42,7 @@ from .evaluate import Evaluator
 from .pace import PaceConfig
 from .plans import Plan, PlanConfig, make_plan
 from .selection import DeviceInfo
-from .simulation import write_history  # proposed public: write_history
+from .simulation import write_history
 from .state import ServerState, restore_rng, save_state
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..manifest import Manifest, write_atomic
 from .selection import DeviceInfo
-from .simulation import SimConfig, prepare_data  # proposed public: prepare_data
+from .simulation import SimConfig, prepare_data
 
 
 def write_fleet(devices: list[DeviceInfo], run: Path, feature_cache: bool = True, threads: int = 1) -> Path:
