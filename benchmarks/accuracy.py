@@ -17,12 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
-from progfl.exporter import export_model
-from progfl.exporter.sizing import load_device_classes
 from progfl.manifest import Manifest, ManifestError, write_atomic
-from progfl.models import build_model
 from progfl.server.report import compare_table, load_history, summarize, write_report
 from progfl.server.simulation import SimConfig, run_simulation
 
@@ -38,6 +33,13 @@ def artifacts(out: Path, width: int) -> Path:
         return folder
     except ManifestError:
         shutil.rmtree(folder, ignore_errors=True)
+    # torch only in here: device processes re-import this script, and torch at the top would sit in their RSS
+    import torch
+
+    from progfl.exporter import export_model
+    from progfl.exporter.sizing import load_device_classes
+    from progfl.models import build_model
+
     torch.manual_seed(0)
     model = build_model("resnet18", 10, (1, 28, 28), width=width)
     export_model(model, folder, load_device_classes(None)[:1], kinds=("grow", "distill", "neulite", "full"),

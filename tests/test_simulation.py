@@ -46,6 +46,7 @@ def test_every_plan_runs_two_rounds(artifacts, tmp_path, plan):
         stage = manifest.stage(r["stage"])
         for d in r["devices"]:
             assert d["peak_mb"] > 0 and d["samples"] > 0
+            assert not d["torch_imported"], "a simulated device must run torch-free"
             if plan != "fedavg":  # fedavg ignores memory on purpose; everyone else must fit
                 assert size_stage(stage, d["budget_mb"], manifest.batch_size, manifest.safety_margin).fits
     assert (run / "report.md").exists() and (run / "accuracy.png").exists()

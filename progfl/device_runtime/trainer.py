@@ -7,6 +7,7 @@ as one step with the learning rate divided by their count, which equals one full
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -70,7 +71,7 @@ def train_round(backend: StageBackend, stage: Stage, task: TrainTask, x: np.ndar
     samples = len(x) * task.epochs
     metrics = {"loss": float(np.sum(losses) / samples), "seconds": seconds, "steps": float(steps),
                "samples_per_s": samples / seconds, "peak_mb": round(peak.peak_mb, 1),
-               "peak_resettable": float(peak.resettable)}
+               "peak_resettable": float(peak.resettable), "torch_imported": float("torch" in sys.modules)}
     if task.budget_mb is not None:
         metrics["budget_mb"] = float(task.budget_mb)
         metrics["over_budget"] = float(peak.peak_mb > task.budget_mb)

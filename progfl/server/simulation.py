@@ -9,6 +9,7 @@ Evaluator scores the global model -> history.json and the checkpoint are written
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..device_runtime import ort_backend as _preload  # noqa: F401  (ORT imported once, in the fork server)
 from ..manifest import Manifest, ManifestError, TrainTask, TrainUpdate, write_atomic
 from .evaluate import Evaluator
 from .fleet import profl_fleet
@@ -53,8 +55,10 @@ class SimConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+log = logging.getLogger("progfl.server")
+
+
 # ---- worker side: one process is one device for one round ----
-from ..device_runtime import ort_backend as _preload  # noqa: E402,F401  (ORT imported once, in the fork server)
 _worker: dict[str, Any] = {}
 
 
@@ -134,23 +138,22 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
     run.mkdir(parents=True, exist_ok=True)
     devices, tx, ty = prepare_data(cfg, manifest, run)
     evaluator = Evaluator(cfg.artifacts, manifest, tx, ty)
-    config = asdict(cfg)
+    config = json.loads(json.dumps(asdict(cfg)))  # as it reads back from the checkpoint
     if resume and (run / "checkpoint").exists():
         state = load_state(run)
-        if state.config != json.loads(json.dumps(config)):
+        if state.config != config:
             raise StateError(f"{run}: the checkpoint was made with other settings; resume with the same ones")
         plan.restore(state)
     else:
         state = ServerState(round=0, plan=plan.name, plan_state={}, arrays=manifest.initial_weights(cfg.artifacts),
                             pace={}, rng=np.random.default_rng([cfg.seed, 2]).bit_generator.state, config=config)
-        state.config = json.loads(json.dumps(config))
         plan.start(state)
     fleet = [{"id": d.id, "budget_mb": d.budget_mb} for d in devices]
+    warned = False
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # a fresh process per device-round: a device runs only its own job, so its peak must not include what the
-    # allocator kept from other devices' rounds (long-lived workers measured up to 1.5x the probe's peak)
-    # forkserver: each device process forks from a server that has imported numpy and ONNX Runtime but built
-    # no session, so a device starts clean at a fraction of a fresh interpreter's start-up cost
+    # A fresh process per device-round: a device runs only its own job, so its peak must not include what the
+    # allocator kept from other devices' rounds (long-lived workers measured up to 1.5x the probe's peak). Each
+    # forks from a server that has imported numpy and ONNX Runtime but built no session: clean and cheap.
     ctx = get_context("forkserver")
     ctx.set_forkserver_preload(["progfl.server.simulation"])
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_worker_init,
@@ -165,13 +168,20 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
                                        str(run / "cache" / f"device_{d.id:04d}") if cfg.feature_cache else None, t))
                        for d, t in tasks]
             results = [(d, f.result()) for d, f in futures]
+            if any(u.metrics.get("torch_imported") for _, u in results) and not warned:
+                # spawn/forkserver children re-import the caller's main module: a script that imports torch at
+                # the top puts torch (~220 MB) into every device process and its measured peak
+                log.warning("device processes imported torch (through your main module): their peak memory "
+                            "includes it; import torch inside functions, or run `progfl simulate`")
+                warned = True
             stage = plan.stage(state).name
             record = plan.aggregate_train(state, results)
             record["accuracy"], record["test_loss"] = evaluator.evaluate(stage, state.arrays)
             record["eligible"] = eligible
             record["devices"] = [{"id": d.id, "budget_mb": d.budget_mb, "peak_mb": u.metrics["peak_mb"],
                                   "seconds": u.metrics["seconds"], "samples": u.num_samples,
-                                  "over_budget": bool(u.metrics.get("over_budget"))} for d, u in results]
+                                  "over_budget": bool(u.metrics.get("over_budget")),
+                                  "torch_imported": bool(u.metrics.get("torch_imported"))} for d, u in results]
             record["round_seconds"] = max((u.metrics["seconds"] for _, u in results), default=0.0)  # none eligible: 0
             record["wall_seconds"] = time.perf_counter() - t0
             state.history.append(record)
