@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from .manifest import ManifestError
+
+if TYPE_CHECKING:
+    from .server.simulation import SimConfig
 
 
 def user_errors(fn):
@@ -134,7 +138,7 @@ def _kv(pairs: tuple[str, ...], what: str) -> dict:
     return out
 
 
-def _sim_config(plan, out, kw) -> "SimConfig":  # noqa: F821
+def _sim_config(plan, out, kw) -> SimConfig:
     from .server.simulation import SimConfig
 
     import json

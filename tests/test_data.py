@@ -19,7 +19,6 @@ from progfl.data import (
     Dataset,
     by_group,
     cifar10,
-    cifar100,
     dirichlet,
     femnist,
     iid,

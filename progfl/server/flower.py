@@ -37,7 +37,7 @@ from ..device_runtime.flower import (
     stage_files,
     task_to_content,
 )
-from ..manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file
+from ..manifest import MANIFEST_NAME, Manifest, sha256_file
 from .evaluate import Evaluator
 from .pace import PaceConfig
 from .plans import Plan, PlanConfig, make_plan

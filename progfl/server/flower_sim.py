@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..manifest import Manifest, write_atomic
+from ..manifest import write_atomic
 from .selection import DeviceInfo
 from .simulation import SimConfig, prepare_data
 
@@ -53,12 +53,7 @@ def run_flower_simulation(cfg: SimConfig, quiet: bool = False) -> Path:
     from .flower import FlowerRunConfig, run_server
 
     run = Path(cfg.out)
-    manifest = Manifest.load(cfg.artifacts)
-    manifest.verify_files(cfg.artifacts)
-    if cfg.devices < 1 or cfg.per_round < 1 or cfg.rounds < 1:
-        raise ValueError("devices, per-round and rounds must be positive")
-    if cfg.fleet is not None and (len(cfg.fleet) != cfg.devices or min(cfg.fleet) <= 0):
-        raise ValueError(f"the fleet lists {len(cfg.fleet)} budgets for {cfg.devices} devices (all must be > 0 MB)")
+    manifest = cfg.check()
     if run.exists() and any(run.iterdir()):
         raise ValueError(f"{run}: run folder exists and is not empty")
     run.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,16 @@ class SimConfig:
     pace: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
+    def check(self) -> Manifest:
+        """Settings and artifacts both engines need valid before any work starts; returns the manifest."""
+        manifest = Manifest.load(self.artifacts)
+        manifest.verify_files(self.artifacts)
+        if self.devices < 1 or self.per_round < 1 or self.rounds < 1:
+            raise ValueError("devices, per-round and rounds must be positive")
+        if self.fleet is not None and (len(self.fleet) != self.devices or min(self.fleet) <= 0):
+            raise ValueError(f"the fleet lists {len(self.fleet)} budgets for {self.devices} devices (all must be > 0 MB)")
+        return manifest
+
 
 log = logging.getLogger("progfl.server")
 
@@ -124,12 +134,7 @@ class Stopped(Exception):
 
 def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> Path:
     run = Path(cfg.out)
-    manifest = Manifest.load(cfg.artifacts)
-    manifest.verify_files(cfg.artifacts)
-    if cfg.devices < 1 or cfg.per_round < 1 or cfg.rounds < 1:
-        raise ValueError("devices, per-round and rounds must be positive")
-    if cfg.fleet is not None and (len(cfg.fleet) != cfg.devices or min(cfg.fleet) <= 0):
-        raise ValueError(f"the fleet lists {len(cfg.fleet)} budgets for {cfg.devices} devices (all must be > 0 MB)")
+    manifest = cfg.check()
     plan = make_plan(cfg.plan, manifest, PlanConfig(rounds=cfg.rounds, per_round=cfg.per_round, lr=cfg.lr,
                                                     epochs=cfg.epochs, seed=cfg.seed, pace=PaceConfig(**cfg.pace),
                                                     options=cfg.options))
