@@ -57,19 +57,21 @@ def main() -> None:
 @click.option("--weight-decay", default=5e-4, show_default=True)
 @click.option("--devices", type=click.Path(dir_okay=False), default=None, help="JSON list of {name, memory_mb}; default: the shipped sample.")
 @click.option("--margin", default=0.15, show_default=True, help="Safety margin under each budget.")
+@click.option("--neulite-l1", default=0.1, show_default=True, help="NeuLite input term; block t gets l1*(T-t)/T.")
+@click.option("--neulite-l2", default=0.1, show_default=True, help="NeuLite label term; block t gets l2*(t+1)/T.")
 @click.option("--measure/--no-measure", default=True, show_default=True, help="Measure peaks in a torch-free subprocess.")
 @click.option("--measure-batches", default=None, help="Micro-batch sizes to measure (default: batch/4 and batch).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial weights.")
 @click.option("--explain", is_flag=True, help="Print the memory and device-sizing table.")
 @user_errors
 def export(model_name, out, num_classes, input_shape, norm, width, stages, opset, batch_size, optimizer, momentum,
-           weight_decay, devices, margin, measure, measure_batches, seed, explain) -> None:
+           weight_decay, devices, margin, neulite_l1, neulite_l2, measure, measure_batches, seed, explain) -> None:
     """Compile every stage of a model into ONNX Runtime training artifacts sized to device memory."""
     from pathlib import Path
 
     from .exporter import OptimizerConfig, check_output_folder, explain as explain_table, export_model
     from .exporter.sizing import load_device_classes
-    from .models import load_model
+    from .models import NeuLiteWeights, load_model
 
     check_output_folder(Path(out))  # before the model is built: fail fast on the cheapest mistake
     classes = load_device_classes(devices)
@@ -77,6 +79,7 @@ def export(model_name, out, num_classes, input_shape, norm, width, stages, opset
     manifest = export_model(
         model, out, classes, kinds=tuple(k.strip() for k in stages.split(",") if k.strip()), opset=opset,
         batch_size=batch_size, optimizer=OptimizerConfig(optimizer, momentum, weight_decay), safety_margin=margin,
+        neulite=NeuLiteWeights(neulite_l1, neulite_l2),
         measure=measure, measure_batches=_ints(measure_batches, "--measure-batches") if measure_batches else None,
         progress=lambda m: click.echo(m, err=True))
     if explain:
