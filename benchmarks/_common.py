@@ -1,13 +1,13 @@
-"""Shared helpers of the benchmarks: settings, one export reused across runs, atomic output files, VmHWM."""
+"""Shared helpers of the benchmarks: settings, one export reused across runs, atomic output files."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from progfl.manifest import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out"
@@ -85,20 +85,9 @@ def ensure_export(settings: Settings, out: Path, log=print) -> Path:
     return folder
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text.encode())
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -107,15 +96,8 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_figure(fig, path: Path) -> None:
     """matplotlib figure -> PNG, atomically."""
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-
-
-def status_mb(key: str) -> float:
-    """VmRSS / VmHWM of this process in MB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -21,15 +21,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DEFAULT_OUT, ROOT, STAGES, Settings, ensure_export, md_table, save_figure,  # noqa: E402
-                     status_mb, write_json, write_text)
+                     write_json, write_text)
 
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+from progfl.device_runtime.memory import peak_mb, reset_peak, rss_mb  # noqa: E402  (no ORT in it)
 
 
 def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +40,7 @@ def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from progfl.models import build_model, build_stage, parse_stage_name
 
-    after_import = status_mb("VmRSS")
+    after_import = rss_mb()
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], cfg["num_classes"], tuple(cfg["input_shape"]), width=cfg["width"])
@@ -68,8 +62,8 @@ def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         pass
     trainable = [p for _, p in g.train.trainable_parameters()]
     rng = np.random.default_rng(0)
-    start = status_mb("VmRSS")
-    resettable = _reset_peak()
+    start = rss_mb()
+    resettable = reset_peak()
     opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=5e-4)
     opt.zero_grad(set_to_none=False)
     times = []
@@ -86,7 +80,7 @@ def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         opt.zero_grad(set_to_none=False)
         if i:
             times.append(time.perf_counter() - t0)
-    return {"stage": cfg["stage"], "batch": cfg["batch"], "peak_mb": round(status_mb("VmHWM"), 1),
+    return {"stage": cfg["stage"], "batch": cfg["batch"], "peak_mb": round(peak_mb(), 1),
             "baseline_mb": round(after_import, 1), "phase_start_mb": round(start, 1),
             "step_ms": round(1000 * float(np.median(times)), 2), "params_held": held,
             "peak_resettable": resettable,

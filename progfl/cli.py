@@ -262,8 +262,8 @@ def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, se
     from pathlib import Path
 
     from .device_runtime.backend import RuntimeOptions
-    from .device_runtime.device import Device, read_shard
-    from .device_runtime.shard import open_npz
+    from .device_runtime.device import Device
+    from .device_runtime.shard import open_npz, read_shard
     from .manifest import TrainTask, write_atomic
 
     x, y = read_shard(data_path)

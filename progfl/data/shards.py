@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..device_runtime.shard import ShardError, check_xy, open_npz, read_shard  # one reader, device side
+from ..manifest import write_atomic
 from ._common import Dataset
 from .errors import DataError
 
@@ -84,14 +85,7 @@ def write_dataset(ds: Dataset, path: str | Path) -> Path:
         arrays["groups"] = ds.groups
     if ds.group_names is not None:
         arrays["group_names"] = np.asarray(ds.group_names, dtype=np.str_)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", suffix=".npz", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(p, lambda fh: np.savez(fh, **arrays))
     return p
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from ..manifest import write_atomic
 
 
 class FeatureCache:
@@ -40,12 +41,5 @@ class FeatureCache:
                 pass  # a damaged entry is recomputed below
         self.misses += 1
         value = np.ascontiguousarray(compute(), dtype=np.float32)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, value)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, lambda fh: np.save(fh, value))
         return np.load(path, mmap_mode="r")

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import Manifest, ManifestError, TrainTask, TrainUpdate, size_stage
+from ..manifest import MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, size_stage
 from .backend import RuntimeOptions
 from .cache import FeatureCache
 from .ort_backend import OrtStage
-from .shard import read_shard  # noqa: F401  (the device's data reader, re-exported)
 from .trainer import train_round
 
 
@@ -25,6 +24,7 @@ class Device:
                  options: RuntimeOptions | None = None, cache_dir: str | os.PathLike | None = None):
         self.folder = Path(artifacts)
         self.manifest = Manifest.load(self.folder)
+        self.manifest_sha256 = sha256_file(self.folder / MANIFEST_NAME)  # tasks name the artifacts they were made for
         want = tuple(self.manifest.input_shape)
         if tuple(x.shape[1:]) != want:
             raise ManifestError(f"local data has samples of shape {list(x.shape[1:])}, the model takes {list(want)}")
@@ -57,9 +57,3 @@ class Device:
             raise ManifestError("task was made for other artifacts (manifest sha256 differs): fetch them first")
         stage = self.manifest.stage(task.stage)
         return train_round(self.backend(stage.name), stage, task, self.x, self.y, self.cache)
-
-    @property
-    def manifest_sha256(self) -> str:
-        from ..manifest import MANIFEST_NAME, sha256_file
-
-        return sha256_file(self.folder / MANIFEST_NAME)

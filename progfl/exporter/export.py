@@ -73,8 +73,8 @@ def export_model(
             model=model.name, model_config=model.config, input_shape=list(model.input_shape),
             num_classes=model.num_classes, opset=opset, batch_size=batch_size, safety_margin=safety_margin,
             stages=stages, device_classes=device_classes,
-            global_params=[ParamSpec(n, list(t.shape), t.is_floating_point()) for n, t in model.state_dict().items()
-                           if not n.endswith("num_batches_tracked")],
+            global_params=[ParamSpec(n, list(t.shape), not n.endswith(("running_mean", "running_var")))
+                           for n, t in model.state_dict().items() if not n.endswith("num_batches_tracked")],
         )
         init = tmp / "initial.npz"
         np.savez(init, **{p.name: model.state_dict()[p.name].numpy() for p in manifest.global_params})

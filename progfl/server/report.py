@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from ..manifest import write_atomic
 
 HISTORY = "history.json"
 COLUMNS = ["plan", "final acc", "best acc", "rounds", "rounds to target", "device-time to target (s)",
@@ -98,25 +99,13 @@ def _labels(histories: list[dict[str, Any]]) -> list[str]:
     return [p if plans.count(p) == 1 else f"{p} #{plans[:i].count(p) + 1}" for i, p in enumerate(plans)]
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """`write` fills a temp file beside `path`, then rename: a reader never sees half a PNG or report."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 
 def _save_png(fig: Any, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)  # render with Agg whatever the session's default backend is
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))  # never half a PNG
+    return path
 
 
 def _is_progressive(h: dict[str, Any]) -> bool:
@@ -221,4 +210,5 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float | None = Non
         "of memory; in `memory.png` those are the points above the red line.",
         "- In `em.png`, effective movement (EM) falling towards zero is what triggers a freeze (black X).", "",
     ]
-    return _atomic(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    write_atomic(out / "report.md", "\n".join(lines).encode())
+    return out / "report.md"
