@@ -172,29 +172,32 @@ def feature_cache(folder: Path, manifest: Manifest, stage: str, samples: int, ba
                   log: Callable[[str], None]) -> dict[str, Any]:
     """A later local round with the prefix features already cached vs the same round computing them."""
     from progfl.device_runtime.cache import FeatureCache
+    from progfl.device_runtime.probe import write_synthetic_shard
+    from progfl.device_runtime.shard import Shard
     from progfl.device_runtime.trainer import train_round
     from progfl.manifest import TrainTask
 
     s = manifest.stage(stage)
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((samples, *manifest.input_shape)).astype(np.float32)
-    y = rng.integers(0, manifest.num_classes, samples).astype(np.int64)
     task = TrainTask(round=1, stage=stage, manifest_sha256="", weights=synthetic_weights(manifest, s), lr=0.01,
                      epochs=1, batch_size=batch, micro_batch=batch, accum_steps=1, seed=0)
     backend = OrtStage(folder, manifest, stage, RuntimeOptions(threads=2), verify=False)
     times: dict[str, list[float]] = {"no_cache": [], "cached": []}
     with tempfile.TemporaryDirectory() as d:
-        cache = FeatureCache(d)
+        write_synthetic_shard(Path(d) / "shard.npz", manifest, samples, seed=2)
+        shard = Shard(Path(d) / "shard.npz")
+        shard.validate(manifest.input_shape, manifest.num_classes)
+        cache = FeatureCache(Path(d) / "cache")
         t0 = time.perf_counter()
-        first = train_round(backend, s, task, x, y, cache)  # fills the cache (an earlier round of this stage)
+        first = train_round(backend, s, task, shard, cache)  # fills the cache (an earlier round of this stage)
         fill_s = time.perf_counter() - t0
         for i in range(reps):
             order = ("no_cache", "cached") if i % 2 == 0 else ("cached", "no_cache")
             for k in order:
                 t0 = time.perf_counter()
-                train_round(backend, s, task, x, y, cache if k == "cached" else None)
+                train_round(backend, s, task, shard, cache if k == "cached" else None)
                 times[k].append(time.perf_counter() - t0)
         hits = cache.hits
+        shard.close()
     res = {"stage": stage, "samples": samples, "batch": batch, "steps": int(first.metrics["steps"]),
            "fill_round_s": round(fill_s, 3), "no_cache_s": round(statistics.median(times["no_cache"]), 3),
            "cached_s": round(statistics.median(times["cached"]), 3), "cache_hits": hits,

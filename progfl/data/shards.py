@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device_runtime.shard import ShardError, check_xy, open_npz, read_shard  # one reader, device side
+from ..device_runtime.shard import ShardError, read_shard  # one reader, device side
 from ..manifest import write_atomic
 from ._common import Dataset
 from .errors import DataError
@@ -93,10 +93,11 @@ def read_dataset(path: str | Path) -> Dataset:
     """Load a Dataset written by ``write_dataset``; errors are DataError."""
     p = Path(path)
     try:
-        d = open_npz(p)
-        x, y = check_xy(p, d)
+        x, y = read_shard(p)
     except ShardError as e:
         raise DataError(str(e)) from None
+    with np.load(p, allow_pickle=False) as z:  # members load on access: only the small ones below
+        d = {k: z[k] for k in ("mean", "std", "num_classes", "name", "groups", "group_names") if k in z.files}
     for k in ("mean", "std", "num_classes", "name"):
         if k not in d:
             raise DataError(f"{p}: missing array {k!r} (not written by write_dataset?)")

@@ -2,7 +2,7 @@
 
 The same object serves `progfl device train`, the simulation's worker processes and the Flower ClientApp.
 It keeps the current stage loaded between rounds (sessions are costly to build) and drops it when the
-stage changes, so at most one stage's sessions are resident.
+stage changes, so at most one stage's sessions are resident. The shard stays on disk (see shard.py).
 """
 
 from __future__ import annotations
@@ -10,27 +10,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from ..manifest import MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, size_stage
 from .backend import RuntimeOptions
 from .cache import FeatureCache
 from .ort_backend import OrtStage
+from .shard import Shard
 from .trainer import train_round
 
 
 class Device:
-    def __init__(self, artifacts: str | os.PathLike, x: np.ndarray, y: np.ndarray, budget_mb: float | None = None,
+    def __init__(self, artifacts: str | os.PathLike, shard: Shard, budget_mb: float | None = None,
                  options: RuntimeOptions | None = None, cache_dir: str | os.PathLike | None = None):
+        """`shard` is validated here against the model (shape, labels, finite values); `cache_dir` keeps the
+        frozen prefix's features between rounds (without it they live in a scratch folder for one round)."""
         self.folder = Path(artifacts)
         self.manifest = Manifest.load(self.folder)
         self.manifest_sha256 = sha256_file(self.folder / MANIFEST_NAME)  # tasks name the artifacts they were made for
-        want = tuple(self.manifest.input_shape)
-        if tuple(x.shape[1:]) != want:
-            raise ManifestError(f"local data has samples of shape {list(x.shape[1:])}, the model takes {list(want)}")
-        if len(x) == 0:
-            raise ManifestError("empty data shard")
-        self.x, self.y = x, y
+        shard.validate(self.manifest.input_shape, self.manifest.num_classes)
+        self.shard = shard
         self.budget_mb, self.options = budget_mb, options or RuntimeOptions()
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self._backend: OrtStage | None = None
@@ -56,4 +53,4 @@ class Device:
         if task.manifest_sha256 and task.manifest_sha256 != self.manifest_sha256:
             raise ManifestError("task was made for other artifacts (manifest sha256 differs): fetch them first")
         stage = self.manifest.stage(task.stage)
-        return train_round(self.backend(stage.name), stage, task, self.x, self.y, self.cache)
+        return train_round(self.backend(stage.name), stage, task, self.shard, self.cache)

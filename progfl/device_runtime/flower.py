@@ -2,7 +2,7 @@
 
 Node config (`flower-supernode --node-config`):
     memory-mb      the device's memory budget (MB)
-    data-path      the device's .npz shard (x float32 N,C,H,W; y int labels)
+    data-path      the device's .npz shard (x float32 N,C,H,W; y int labels; see device_runtime/shard.py)
     artifacts-dir  a local cache folder; each export lives in <artifacts-dir>/<manifest sha256>/
     backend        "ort" (the only one for now)
     threads        optional: ONNX Runtime intra-op threads (0: one per core)
@@ -34,7 +34,7 @@ from .. import __version__
 from ..manifest import MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, write_atomic
 from .backend import RuntimeOptions
 from .device import Device
-from .shard import read_shard
+from .shard import Shard
 
 # ---- records <-> progfl messages (used by both sides) ----
 TASK_INTS = ("round", "epochs", "batch_size", "micro_batch", "accum_steps", "seed")
@@ -167,27 +167,31 @@ class NodeSettings:
 # One Device per (node settings, export) per process: the simulation engine's actors serve many virtual nodes,
 # a SuperNode's ClientApp process serves one. Only the last one used is kept (one stage resident at a time).
 _devices: dict[tuple, Device] = {}
-_data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+_shards: dict[str, Shard] = {}  # the open shard of the node served last (read a micro-batch at a time)
+
+
+def _shard(node: NodeSettings) -> Shard:
+    if node.data_path not in _shards:
+        for old in _shards.values():
+            old.close()
+        _shards.clear()
+        _devices.clear()
+        _shards[node.data_path] = Shard(node.data_path, scratch=node.feature_cache)
+    return _shards[node.data_path]
 
 
 def _device(node: NodeSettings, folder: Path) -> Device:
     key = (*node.key, str(folder))
+    shard = _shard(node)
     if key not in _devices:
         _devices.clear()
-        if node.data_path not in _data:
-            _data.clear()
-            _data[node.data_path] = read_shard(node.data_path)
-        x, y = _data[node.data_path]
-        _devices[key] = Device(folder, x, y, node.budget_mb, RuntimeOptions(threads=node.threads), node.feature_cache)
+        _devices[key] = Device(folder, shard, node.budget_mb, RuntimeOptions(threads=node.threads), node.feature_cache)
     return _devices[key]
 
 
 def query(msg: Message, context: Context, fleet: str | None = None) -> Message:
     node = NodeSettings(context, fleet)
-    if node.data_path not in _data:
-        _data.clear()
-        _data[node.data_path] = read_shard(node.data_path)
-    _, y = _data[node.data_path]
+    y = _shard(node).y
     asked = msg.content["config"] if "config" in msg.content else {}
     classes = int(asked.get("num-classes", int(y.max()) + 1))
     caps = {"memory-mb": node.budget_mb, "num-samples": int(len(y)),

@@ -1,4 +1,4 @@
-"""Measure one stage's peak memory and step time in this (torch-free) process.
+"""Measure one stage's peak memory and step time in this (torch-free) process, running a real local round.
 
 `python -m progfl.device_runtime.probe ARTIFACTS STAGE BATCH [--steps N] [--threads T]` prints one JSON
 line. The exporter runs it in a fresh subprocess per stage and micro-batch so each peak is the stage's own;
@@ -12,15 +12,18 @@ import json
 import os
 import subprocess
 import sys
-import time
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ..manifest import Manifest, Stage
+from ..manifest import Manifest, Stage, TrainTask
 from .backend import RuntimeOptions
-from .memory import PhasePeak, rss_mb
+from .memory import rss_mb
 from .ort_backend import OrtStage
+from .shard import Shard
+from .trainer import train_round
 
 
 def synthetic_weights(manifest: Manifest, stage: Stage, seed: int = 0) -> dict[str, np.ndarray]:
@@ -37,35 +40,38 @@ def synthetic_weights(manifest: Manifest, stage: Stage, seed: int = 0) -> dict[s
     return out
 
 
-def synthetic_batch(manifest: Manifest, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    x = rng.standard_normal((batch, *manifest.input_shape)).astype(np.float32)
-    return x, rng.integers(0, manifest.num_classes, batch).astype(np.int64)
+def write_synthetic_shard(path: Path, manifest: Manifest, n: int, seed: int = 0) -> None:
+    """A shard of n random samples in the shard format, written a chunk at a time (nothing big stays resident)."""
+    rng = np.random.default_rng(seed)
+    shape = (n, *manifest.input_shape)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("x.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            for start in range(0, n, 256):
+                fh.write(rng.standard_normal((min(256, n - start), *shape[1:])).astype(np.float32).tobytes())
+        with zf.open("y.npy", "w") as fh:
+            np.lib.format.write_array(fh, rng.integers(0, manifest.num_classes, n).astype(np.int64))
 
 
 def measure_stage(folder: str, stage: str, batch: int, steps: int = 3,
                   options: RuntimeOptions | None = None) -> dict:
-    """Load the stage, run the prefix and `steps` training steps at this micro-batch; peak over all of it."""
+    """One local round of `steps` + 1 steps at this micro-batch, run exactly as a device runs it (shard read from
+    a file, frozen prefix cached on disk), on synthetic data; its peak is the stage's peak at this micro-batch."""
     manifest = Manifest.load(folder)
     s = manifest.stage(stage)
-    rng = np.random.default_rng(0)
     baseline = rss_mb()
-    with PhasePeak() as peak:
-        backend = OrtStage(folder, manifest, s.name, options)
-        backend.set_weights(synthetic_weights(manifest, s))
-        times = []
-        for i in range(steps + 1):  # the first step warms up (allocations, kernels) and is not timed
-            x, y = synthetic_batch(manifest, batch, rng)
-            t0 = time.perf_counter()
-            feats = backend.features(x)
-            inputs = {"features": feats, "inputs": x, "labels": y}
-            if "teacher" in s.files:
-                inputs["teacher"] = backend.teacher(feats)
-            backend.accumulate(inputs)
-            backend.step(0.01, 1)
-            if i:
-                times.append(time.perf_counter() - t0)
-    return {"stage": s.name, "batch": batch, "peak_mb": round(peak.peak_mb, 1), "baseline_mb": round(baseline, 1),
-            "step_ms": round(1000 * float(np.median(times)), 2), "peak_resettable": peak.resettable,
+    with tempfile.TemporaryDirectory(prefix="progfl-probe-") as tmp:
+        path = Path(tmp) / "shard.npz"
+        write_synthetic_shard(path, manifest, batch * (steps + 1))
+        with Shard(path) as shard:
+            shard.validate(manifest.input_shape, manifest.num_classes)
+            backend = OrtStage(folder, manifest, s.name, options)
+            task = TrainTask(round=0, stage=s.name, manifest_sha256="", weights=synthetic_weights(manifest, s),
+                             lr=0.01, epochs=1, batch_size=batch, micro_batch=batch, accum_steps=1)
+            update = train_round(backend, s, task, shard, scratch=tmp)
+    m = update.metrics
+    return {"stage": s.name, "batch": batch, "peak_mb": m["peak_mb"], "baseline_mb": round(baseline, 1),
+            "step_ms": round(m["step_ms"], 2), "peak_resettable": bool(m["peak_resettable"]),
             "torch_imported": "torch" in sys.modules}
 
 

@@ -1,5 +1,9 @@
 """One local round on a device: set the round's weights, run epochs of micro-batched steps, report the update.
 
+Memory does not grow with the shard: samples are read from the shard file a micro-batch at a time, the frozen
+prefix runs once over the shard in order with its features (and a distillation stage's teacher logits) written
+to disk, and every step reads its rows back into reused buffers (see rows.py and cache.py).
+
 Each logical batch of `task.batch_size` samples is cut into micro-batches of `task.micro_batch` (as the
 manifest sized them for this device's memory); gradients of the micro-batches are summed by ORT and applied
 as one step with the learning rate divided by their count, which equals one full-batch step.
@@ -8,7 +12,9 @@ as one step with the learning rate divided by their count, which equals one full
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -16,63 +22,104 @@ from ..manifest import ManifestError, Stage, TrainTask, TrainUpdate
 from .backend import StageBackend
 from .cache import FeatureCache
 from .memory import PhasePeak
+from .rows import RowReader
+from .shard import Shard
 
 
-def _chunks(idx: np.ndarray, size: int) -> list[np.ndarray]:
-    return [idx[i:i + size] for i in range(0, len(idx), size)]
+class LocalData:
+    """What the training graph is fed, a micro-batch at a time: features, raw inputs, labels, teacher logits.
+
+    Frozen outputs come from `cache` (persistent across rounds, for a validated shard) or else from a scratch
+    folder that lives for the round. `scratch` is where that folder goes (default: the system's temporary
+    folder; on a board whose /tmp is in RAM, give a folder on disk)."""
+
+    def __init__(self, backend: StageBackend, stage: Stage, shard: Shard, chunk: int,
+                 cache: FeatureCache | None = None, scratch: str | None = None):
+        self.stage, self.shard = stage, shard
+        persistent = cache is not None and shard.digest is not None  # an unvalidated shard has no key
+        self._tmp = None if persistent else tempfile.TemporaryDirectory(prefix="progfl-features-", dir=scratch)
+        cache = cache if persistent else FeatureCache(self._tmp.name)
+        data = shard.digest or "this round"
+
+        def digest(kind: str) -> str:  # a persistent entry is keyed by the frozen weights; a scratch one needs none
+            return backend.session_digest(kind) if persistent and kind in stage.files else ""
+
+        self.features: RowReader | None = None
+        self.teacher: RowReader | None = None
+        try:
+            if "prefix" in stage.files:  # the frozen blocks in front: run once over the shard, in order
+                self.features = cache.get_or_compute(
+                    "prefix", digest("prefix"), data, len(shard),
+                    lambda: (backend.features(x) for _, x in shard.x.chunks(chunk)))
+            if "teacher" in stage.files:  # its input is the features: both sessions' weights are in its key
+                source = self.features or shard.x
+                self.teacher = cache.get_or_compute(
+                    "teacher", digest("prefix") + digest("teacher"), data, len(shard),
+                    lambda: (backend.teacher(f) for _, f in source.chunks(chunk)))
+        except BaseException:
+            self.close()
+            raise
+        self.names = [t.name for t in stage.inputs]
+
+    def inputs(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's inputs for samples idx (views of reused buffers, valid until the next call)."""
+        out: dict[str, np.ndarray] = {"labels": self.shard.y[idx]}
+        if self.features is None or "inputs" in self.names:
+            out["inputs"] = self.shard.read(idx)
+        out["features"] = self.features.read(idx) if self.features is not None else out["inputs"]
+        if self.teacher is not None:
+            out["teacher"] = self.teacher.read(idx)
+        return out
+
+    def close(self) -> None:
+        for rows in (self.features, self.teacher):
+            if rows is not None:
+                rows.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
-def frozen_outputs(backend: StageBackend, stage: Stage, x: np.ndarray, chunk: int,
-                   cache: FeatureCache | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Prefix features (and teacher logits) for all local data. They do not change while a stage lasts, so a
-    cache computes them once per stage and later rounds pay only for the trainable part."""
-
-    def compute(fn, inp: np.ndarray) -> np.ndarray:
-        return np.concatenate([fn(inp[c]) for c in _chunks(np.arange(len(inp)), chunk)])
-
-    if cache is None or "prefix" not in stage.files:  # no prefix: the features are the data itself
-        feats = compute(backend.features, x)
-        return feats, compute(backend.teacher, feats) if "teacher" in stage.files else None
-    prefix = backend.session_digest("prefix")
-    feats = cache.get_or_compute("prefix", prefix, x, lambda: compute(backend.features, x))
-    teacher = None
-    if "teacher" in stage.files:  # its input is the prefix's output: both weights are in its key
-        teacher = cache.get_or_compute("teacher", prefix + backend.session_digest("teacher"), x,
-                                       lambda: compute(backend.teacher, np.asarray(feats)))
-    return feats, teacher
+def _batches(rng: np.random.Generator, n: int, batch: int, micro: int) -> Iterator[list[np.ndarray]]:
+    """One epoch: a shuffled order cut into logical batches, each cut into micro-batches."""
+    order = rng.permutation(n)
+    for i in range(0, n, batch):
+        idx = order[i:i + batch]
+        yield [idx[j:j + micro] for j in range(0, len(idx), micro)]
 
 
-def train_round(backend: StageBackend, stage: Stage, task: TrainTask, x: np.ndarray, y: np.ndarray,
-                cache: FeatureCache | None = None) -> TrainUpdate:
-    if len(x) == 0:
-        raise ManifestError("empty data shard: nothing to train on")
+def check_task(task: TrainTask) -> None:
     if task.micro_batch < 1 or task.accum_steps < 1 or task.epochs < 1 or not np.isfinite(task.lr):
         raise ManifestError(f"bad task: micro_batch={task.micro_batch} accum_steps={task.accum_steps} "
                             f"epochs={task.epochs} lr={task.lr}")
+
+
+def train_round(backend: StageBackend, stage: Stage, task: TrainTask, shard: Shard,
+                cache: FeatureCache | None = None, scratch: str | None = None) -> TrainUpdate:
+    check_task(task)
     t0 = time.perf_counter()
     with PhasePeak() as peak:
         backend.set_weights(task.weights)
-        feats, teacher = frozen_outputs(backend, stage, x, task.micro_batch, cache)
-        rng = np.random.default_rng(task.seed)
-        losses, steps = [], 0
-        batch = task.micro_batch * task.accum_steps
-        for _ in range(task.epochs):
-            for idx in _chunks(rng.permutation(len(x)), batch):
-                micro = _chunks(idx, task.micro_batch)
-                for m in micro:
-                    inputs = {"features": np.ascontiguousarray(feats[m]), "inputs": x[m], "labels": y[m]}
-                    if teacher is not None:
-                        inputs["teacher"] = np.ascontiguousarray(teacher[m])
-                    losses.append(backend.accumulate(inputs) * len(m))
-                backend.step(task.lr, len(micro))
-                steps += 1
+        data = LocalData(backend, stage, shard, task.micro_batch, cache, scratch)
+        try:
+            rng = np.random.default_rng(task.seed)
+            losses, step_s = [], []
+            for _ in range(task.epochs):
+                for micro in _batches(rng, len(shard), task.micro_batch * task.accum_steps, task.micro_batch):
+                    s0 = time.perf_counter()
+                    for m in micro:
+                        losses.append(backend.accumulate(data.inputs(m)) * len(m))
+                    backend.step(task.lr, len(micro))
+                    step_s.append(time.perf_counter() - s0)
+        finally:
+            data.close()
         weights = backend.get_weights()
     seconds = time.perf_counter() - t0
-    samples = len(x) * task.epochs
-    metrics = {"loss": float(np.sum(losses) / samples), "seconds": seconds, "steps": float(steps),
+    samples = len(shard) * task.epochs
+    metrics = {"loss": float(np.sum(losses) / samples), "seconds": seconds, "steps": float(len(step_s)),
+               "step_ms": 1000 * float(np.median(step_s[1:] or step_s)),  # the first step warms up
                "samples_per_s": samples / seconds, "peak_mb": round(peak.peak_mb, 1),
                "peak_resettable": float(peak.resettable), "torch_imported": float("torch" in sys.modules)}
     if task.budget_mb is not None:
         metrics["budget_mb"] = float(task.budget_mb)
         metrics["over_budget"] = float(peak.peak_mb > task.budget_mb)
-    return TrainUpdate(round=task.round, stage=stage.name, weights=weights, num_samples=len(x), metrics=metrics)
+    return TrainUpdate(round=task.round, stage=stage.name, weights=weights, num_samples=len(shard), metrics=metrics)
