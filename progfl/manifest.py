@@ -176,6 +176,7 @@ class Manifest:
     initial: FileRef | None = None  # initial global arrays (.npz), so the server needs no torch
     schema_version: int = SCHEMA_VERSION
     producer: str = "progfl"
+    notes: list[str] = field(default_factory=list)  # decisions of the export and why (e.g. the output module)
 
     def stage(self, key: int | str) -> Stage:
         """A stage by index or by name ('grow-2', 'full')."""

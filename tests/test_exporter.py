@@ -21,6 +21,7 @@ from progfl.exporter import export_model
 from progfl.exporter.eager import EagerStage
 from progfl.manifest import DeviceClass, Manifest
 from progfl.models import build_model, from_sequential, parse_stage_name
+from progfl.models.norms import GroupNorm, LayerNorm
 
 KINDS = ("grow", "distill", "neulite", "full")
 CLASSES = [DeviceClass("big", 4096.0)]
@@ -104,45 +105,89 @@ def test_manifest_files_and_schema(exported):
 def test_every_stage_matches_torch(exported):
     model, folder, manifest = exported
     for stage in manifest.stages:
-        w = nontrivial_weights(manifest, folder)
-        ort = OrtStage(folder, manifest, stage.name)
-        eager = EagerStage(copy.deepcopy(model), parse_stage_name(stage.name), dtype=torch.float64)
-        ort.set_weights(w)
-        eager.set_weights(w)
-        rng = np.random.default_rng(stage.index)
+        check_stage_matches_torch(model, folder, manifest, stage.name)
+
+
+def check_stage_matches_torch(model: nn.Module, folder, manifest: Manifest, name: str) -> None:
+    """The parity harness: forwards within 1e-5, 10 lockstep SGD steps against float64 torch within 1e-4, and the
+    exact weight round trip ORT -> server -> torch -> ORT."""
+    stage = manifest.stage(name)
+    w = nontrivial_weights(manifest, folder)
+    ort = OrtStage(folder, manifest, stage.name)
+    eager = EagerStage(copy.deepcopy(model), parse_stage_name(stage.name), dtype=torch.float64)
+    ort.set_weights(w)
+    eager.set_weights(w)
+    rng = np.random.default_rng(stage.index)
+    x, y = batch(manifest, rng)
+    np.testing.assert_allclose(ort.features(x), eager.features(x), atol=1e-5, rtol=1e-5, err_msg=stage.name)
+    if "teacher" in stage.files:
+        f = ort.features(x)
+        np.testing.assert_allclose(ort.teacher(f), eager.teacher(f), atol=1e-5, rtol=1e-5, err_msg=stage.name)
+    np.testing.assert_allclose(ort.predict(x), eager.predict(x), atol=1e-5, rtol=1e-5, err_msg=stage.name)
+
+    for step in range(10):  # 10 SGD steps as in the papers (lr 0.01, momentum 0.9, weight decay 5e-4)
+        eager.set_weights(ort.get_weights())
         x, y = batch(manifest, rng)
-        np.testing.assert_allclose(ort.features(x), eager.features(x), atol=1e-5, rtol=1e-5, err_msg=stage.name)
-        if "teacher" in stage.files:
-            f = ort.features(x)
-            np.testing.assert_allclose(ort.teacher(f), eager.teacher(f), atol=1e-5, rtol=1e-5, err_msg=stage.name)
-        np.testing.assert_allclose(ort.predict(x), eager.predict(x), atol=1e-5, rtol=1e-5, err_msg=stage.name)
+        lo = ort.accumulate(inputs_for(ort, x, y))
+        le = eager.accumulate(inputs_for(eager, x.astype(np.float64), y))
+        assert abs(lo - le) < 1e-4 * max(1.0, abs(le)), (stage.name, step, lo, le)
+        ort.step(LR, 1)
+        eager.step(LR, 1)
+        trained, reference = ort.get_weights(), eager.get_weights()
+        for name, value in trained.items():
+            assert_same_update(value, reference[name], f"{stage.name} step {step} {name}")
+    assert set(trained) == set(stage.updated_names)
+    moved = max(float(np.abs(v - w[n]).max()) for n, v in trained.items())
+    assert moved > 1e-5, f"{stage.name}: training did not change the weights"
 
-        for step in range(10):  # 10 SGD steps as in the papers (lr 0.01, momentum 0.9, weight decay 5e-4)
-            eager.set_weights(ort.get_weights())
-            x, y = batch(manifest, rng)
-            lo = ort.accumulate(inputs_for(ort, x, y))
-            le = eager.accumulate(inputs_for(eager, x.astype(np.float64), y))
-            assert abs(lo - le) < 1e-4 * max(1.0, abs(le)), (stage.name, step, lo, le)
-            ort.step(LR, 1)
-            eager.step(LR, 1)
-            trained, reference = ort.get_weights(), eager.get_weights()
-            for name, value in trained.items():
-                assert_same_update(value, reference[name], f"{stage.name} step {step} {name}")
-        assert set(trained) == set(stage.updated_names)
-        moved = max(float(np.abs(v - w[n]).max()) for n, v in trained.items())
-        assert moved > 1e-5, f"{stage.name}: training did not change the weights"
+    # round trip: ORT -> server arrays -> torch -> ORT, exactly
+    server = {**w, **trained}
+    torch_model = copy.deepcopy(model)
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in server.items()}, strict=False)
+    back = {k: v.numpy().copy() for k, v in torch_model.state_dict().items() if k in server}
+    again = OrtStage(folder, manifest, stage.name)
+    again.set_weights(back)
+    for name, value in again.get_weights().items():
+        assert np.array_equal(value, trained[name]), f"{stage.name} {name} changed in the round trip"
+    np.testing.assert_allclose(again.predict(x), EagerStage(torch_model, parse_stage_name(stage.name)).predict(x),
+                               atol=1e-5, rtol=1e-5, err_msg=f"{stage.name} after the round trip")
 
-        # round trip: ORT -> server arrays -> torch -> ORT, exactly
-        server = {**w, **trained}
-        torch_model = copy.deepcopy(model)
-        torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in server.items()}, strict=False)
-        back = {k: v.numpy().copy() for k, v in torch_model.state_dict().items() if k in server}
-        again = OrtStage(folder, manifest, stage.name)
-        again.set_weights(back)
-        for name, value in again.get_weights().items():
-            assert np.array_equal(value, trained[name]), f"{stage.name} {name} changed in the round trip"
-        np.testing.assert_allclose(again.predict(x), EagerStage(torch_model, parse_stage_name(stage.name)).predict(x),
-                                   atol=1e-5, rtol=1e-5, err_msg=f"{stage.name} after the round trip")
+
+# Each kind of basic layer through ORT: the stages that train or distil output modules (grow-0 trains every basic
+# layer; distill-1 fits one with the rest of the output module frozen, eval-mode norms written with primitive ops).
+KIND_MODELS = {
+    "resnet18": lambda: build_model("resnet18", 10, (3, 16, 16), width=8),
+    "cnn": lambda: build_model("cnn", 10, (1, 28, 28), width=4),
+    "cnn-group": lambda: build_model("cnn", 10, (1, 28, 28), width=4, norm="group"),
+    "vit": lambda: build_model("vit", 10, (1, 28, 28), width=16, patch=7, depth=4),
+}
+BASIC_LAYER_TYPES = {  # kind -> (feature-map layers, token layers) of one basic layer, in order
+    "linear": ([nn.Conv2d], [nn.Linear]),
+    "conv": ([nn.Conv2d, (nn.BatchNorm2d, GroupNorm), nn.ReLU], [nn.Linear, LayerNorm, nn.GELU]),
+    "light": ([nn.Conv2d, nn.Conv2d, (nn.BatchNorm2d, GroupNorm), nn.ReLU], [nn.Linear, LayerNorm, nn.GELU]),
+}
+
+
+# (cnn-group, linear) is left out: linear basic layers have no norm, so it is the cnn's linear case again
+@pytest.mark.parametrize("key,kind", [(k, kind) for k in sorted(KIND_MODELS) for kind in ("linear", "conv", "light")
+                                      if (k, kind) != ("cnn-group", "linear")])
+def test_output_module_kinds_match_torch(key, kind, tmp_path):
+    torch.manual_seed(0)
+    model = KIND_MODELS[key]()
+    folder = tmp_path / "a"
+    manifest = export_model(model, folder, CLASSES, kinds=("grow", "distill"), batch_size=8, measure=False,
+                            output_module=kind)
+    assert manifest.model_config["output_module"] == kind == model.output_module
+    types = BASIC_LAYER_TYPES[kind][1 if key == "vit" else 0]
+    for layer in model.basics.values():
+        layers = list(layer) if isinstance(layer, nn.Sequential) else [layer]
+        assert len(layers) == len(types) and all(isinstance(m, t) for m, t in zip(layers, types)), (kind, layer)
+    if kind == "light" and key != "vit":
+        assert model.basics["1"][0].groups == model.basics["1"][0].in_channels > 1  # depthwise
+    exported = {p.name for p in manifest.stage("grow-0").params}
+    assert {n for n, _ in model.basics.named_parameters(prefix="basics")} <= exported
+    for name in ("grow-0", "distill-1"):
+        check_stage_matches_torch(model, folder, manifest, name)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

@@ -176,3 +176,111 @@ def test_from_sequential_rejects_wrong_input() -> None:
 def test_unknown_norm_rejected(key: str) -> None:
     with pytest.raises(ValueError, match="unknown norm 'bogus'"):
         tiny(key, norm="bogus")
+
+
+# ---- output modules: the kinds of basic layer ----
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "light"])
+@pytest.mark.parametrize("key", ["resnet18", "cnn", "vit"])
+def test_config_round_trips_output_module(key: str, kind: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(key, num_classes=CLASSES, output_module=kind, **TINY[key][0])
+    config = json.loads(json.dumps(model.config))
+    assert config["output_module"] == kind == model.output_module
+    torch.manual_seed(0)
+    again = build_model(**config)
+    a, b = model.state_dict(), again.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.config == config and again.output_module == kind
+    # the same kind switched on afterwards (as export does) rebuilds the same architecture too
+    other = build_model(key, num_classes=CLASSES, **TINY[key][0]).set_output_modules(kind)
+    assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in a.items()}
+
+
+def test_load_model_applies_output_module(tmp_path, monkeypatch) -> None:
+    from progfl.models import load_model
+
+    assert load_model("cnn", 10, (1, 28, 28), width=4, output_module="light").output_module == "light"
+    (tmp_path / "mymodels_om.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU()),\n"
+        "                         nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = load_model("mymodels_om:make", 10, (1, 8, 8), output_module="conv")
+    assert model.output_module == "conv" and model.config["output_module"] == "conv"
+    assert isinstance(model.basics["1"][1], GroupNorm)  # the blocks use GroupNorm: so do the basic layers
+    assert load_model("mymodels_om:make", 10, (1, 8, 8), output_module="linear").output_module == "linear"
+
+
+def test_basic_layer_kinds() -> None:
+    from progfl.models import basic_layer
+
+    x = torch.randn(2, 8, 16, 16)
+    linear = basic_layer((8, 16, 16), (16, 8, 8), "linear")
+    assert isinstance(linear, nn.Conv2d) and linear.bias is not None and linear.stride == (2, 2)
+    assert set(dict(linear.named_parameters())) == {"weight", "bias"}  # ProFL's names, as before kinds existed
+    conv = basic_layer((8, 16, 16), (16, 8, 8), "conv")
+    assert [type(m) for m in conv] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] and conv[0].bias is None
+    light = basic_layer((8, 16, 16), (16, 8, 8), "light", "group")
+    assert [type(m) for m in light] == [nn.Conv2d, nn.Conv2d, GroupNorm, nn.ReLU]
+    assert light[0].groups == 8 and light[0].stride == (2, 2) and light[1].kernel_size == (1, 1)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(linear) == 8 * 16 * 9 + 16 and count(conv) == 8 * 16 * 9 + 2 * 16
+    assert count(light) == 8 * 9 + 8 * 16 + 2 * 16
+    for layer in (linear, conv, light):
+        assert layer(x).shape == (2, 16, 8, 8)
+    assert basic_layer((8, 7, 7), (8, 4, 4), "light")(torch.randn(2, 8, 7, 7)).shape == (2, 8, 4, 4)
+    pooled = basic_layer((8, 5, 5), (8, 4, 4), "conv")  # no stride lands on 4x4: adaptive pool after the ReLU
+    assert isinstance(pooled[-1], nn.AdaptiveAvgPool2d) and pooled(torch.randn(2, 8, 5, 5)).shape == (2, 8, 4, 4)
+    tokens = basic_layer((4, 16), (4, 32), "conv")
+    assert [type(m) for m in tokens] == [nn.Linear, LayerNorm, nn.GELU]
+    assert isinstance(basic_layer((4, 16), (4, 32), "linear"), nn.Linear)
+    vector = basic_layer((16,), (32,), "light")
+    assert [type(m) for m in vector] == [nn.Linear, nn.ReLU]
+    with pytest.raises(ValueError, match="unknown output module 'wide'"):
+        basic_layer((16,), (32,), "wide")
+    with pytest.raises(ValueError, match="no basic layer maps"):
+        basic_layer((4, 16), (32,), "conv")
+
+
+def test_set_output_modules() -> None:
+    model = tiny("resnet18")
+    assert model.output_module == "conv"  # the default kind
+    before = dict(model.basics.named_parameters())
+    assert model.set_output_modules("conv") is model and dict(model.basics.named_parameters()) == before  # no-op
+    model.set_output_modules("linear")
+    assert set(dict(model.basics.named_parameters())) == {f"{k}.{p}" for k in "123" for p in ("weight", "bias")}
+    assert model.config["output_module"] == "linear"
+    x, _ = batch(model)
+    assert model.forward_stage(x, 0).shape == (len(x), CLASSES)
+    with pytest.raises(ValueError, match="unknown output module"):
+        model.set_output_modules("auto")
+    assert tiny("cnn", norm="group").set_output_modules("light").basics["1"][2].__class__ is GroupNorm
+
+
+def test_distill_keeps_the_frozen_output_module_in_eval_mode() -> None:
+    """distill-t fits basic layer t through basics[t+1..] as the teacher runs them: BatchNorm from running
+    statistics, which stay where they were (the trained basic layer's own statistics move)."""
+    model = tiny("resnet18")
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.startswith("basics.") and name.endswith(("running_mean", "running_var")):
+                buf.uniform_(0.5, 1.5)
+    before = {n: b.clone() for n, b in model.named_buffers() if n.startswith("basics.")}
+    g = build_stage(model, default_stages(model.T, ("distill",))[0])  # distill-1
+    x, _ = batch(model)
+    features = g.prefix(x)
+    g.train.train()
+    _, logits, _ = g.train(features, torch.zeros(len(x), CLASSES))
+    after = dict(model.named_buffers())
+    assert not torch.equal(after["basics.1.1.running_mean"], before["basics.1.1.running_mean"])
+    for k in ("2", "3"):
+        assert torch.equal(after[f"basics.{k}.1.running_mean"], before[f"basics.{k}.1.running_mean"])
+        assert torch.equal(after[f"basics.{k}.1.running_var"], before[f"basics.{k}.1.running_var"])
+    with torch.no_grad():  # the same logits as the frozen tail run by torch in eval mode
+        model.basics["1"].train()
+        h = model.basics["1"](features)
+        model.basics["2"].eval(), model.basics["3"].eval()
+        expected = model.classifier(model.basics["3"](model.basics["2"](h)))
+    torch.testing.assert_close(logits, expected)

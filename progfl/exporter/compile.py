@@ -149,11 +149,12 @@ def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, op
     trainable = {n for n, _ in g.train.trainable_parameters()}
     in_graph = [n for n in initializer_names(base) if n in shapes]
     onnx.save(base, str(base_path))
-    with _quiet_fd2():
-        artifacts.generate_artifacts(
-            str(base_path), requires_grad=[n for n in in_graph if n in trainable],
+    base_abs, folder_abs = str(base_path.resolve()), str(folder.resolve())
+    with _quiet_fd2(), contextlib.chdir(folder_abs):  # onnxblock writes temp.onnx(.data) into the cwd: concurrent
+        artifacts.generate_artifacts(                 # exports from one folder would overwrite each other's
+            base_abs, requires_grad=[n for n in in_graph if n in trainable],
             frozen_params=[n for n in in_graph if n not in trainable], loss=None,
-            optimizer=optimizer.block(), artifact_directory=str(folder),
+            optimizer=optimizer.block(), artifact_directory=folder_abs,
         )
     base_path.unlink()
     files.update(training=folder / "training_model.onnx", eval=folder / "eval_model.onnx",

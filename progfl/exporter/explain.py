@@ -11,6 +11,13 @@ def _cell(z) -> str:
     return f"{z.micro_batch}" if z.accum_steps == 1 else f"{z.micro_batch}x{z.accum_steps}"
 
 
+def _output_module(manifest: Manifest) -> str:
+    """The kind of basic layer in the output modules, and the export's reasons (manifests before it was a choice:
+    ProFL's linear basic layers)."""
+    kind = manifest.model_config.get("output_module", "linear")
+    return "\n".join([f"output modules: {kind} basic layers", *(f"  {n}" for n in manifest.notes)])
+
+
 def explain(manifest: Manifest) -> str:
     batches = sorted({m.batch for s in manifest.stages for m in s.memory})
     head = ["stage", "trainable"] + [f"peak@{b} MB (est)" for b in batches] + [c.name for c in manifest.device_classes]
@@ -29,5 +36,6 @@ def explain(manifest: Manifest) -> str:
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     legend = (f"\nmodel {manifest.model}, logical batch {manifest.batch_size}, safety margin "
               f"{manifest.safety_margin:.0%}. Device cells: micro-batch (x accumulation steps); '-' cannot take part.\n"
-              + "budgets: " + ", ".join(f"{c.name}={c.memory_mb:g} MB" for c in manifest.device_classes))
+              + "budgets: " + ", ".join(f"{c.name}={c.memory_mb:g} MB" for c in manifest.device_classes)
+              + "\n" + _output_module(manifest))
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)]) + "\n" + legend

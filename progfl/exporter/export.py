@@ -15,7 +15,8 @@ import numpy as np
 
 from ..manifest import DeviceClass, Manifest, ParamSpec, file_ref
 from ..models.base import BlockModel
-from ..models.stages import NeuLiteWeights, default_stages
+from ..models.stages import NeuLiteWeights, StageSpec, default_stages
+from . import output_module as om
 from .compile import OPSETS, OptimizerConfig, compile_stage
 from .sizing import fill_memory, fill_sizing
 
@@ -47,51 +48,114 @@ def export_model(
     measure: bool = True,
     measure_batches: list[int] | None = None,
     progress: Callable[[str], None] | None = None,
+    output_module: str = "auto",
 ) -> Manifest:
+    """Export every stage of `model` into `out`. output_module: linear, conv, light, or auto (see output_module.py):
+    the kind of basic layer the output modules use. The model's basic layers are switched (freshly initialised) in
+    place when the chosen kind differs from its own; the manifest records the kind and why it was chosen."""
     out = Path(out)
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
     if batch_size < 1 or not 0 <= safety_margin < 1:
         raise ExportError("batch size must be >= 1 and the safety margin in [0, 1)")
+    if output_module not in om.CHOICES:
+        raise ExportError(f"unknown output module {output_module!r}: use {', '.join(om.CHOICES)}")
     check_output_folder(out)
     specs = default_stages(model.T, kinds)
     optimizer, neulite = optimizer or OptimizerConfig(), neulite or NeuLiteWeights()
     batches = sorted(set(measure_batches or [max(1, batch_size // 4), batch_size]))
+    say = progress or (lambda _m: None)
+    choice, fits = choose_by_parameters(model, specs, output_module)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    own = model.basics, dict(model.config)  # put back if the export fails
     try:
-        tmp.mkdir()
-    except OSError as e:
-        raise ExportError(f"{out.parent}: not writable ({e.strerror})") from None
-    try:
-        stages = []
-        for i, spec in enumerate(specs):
-            if progress:
-                progress(f"compiling stage {i} {spec.name}")
-            stages.append(compile_stage(model, spec, i, tmp, opset, optimizer, neulite))
-        manifest = Manifest(
-            model=model.name, model_config=model.config, input_shape=list(model.input_shape),
-            num_classes=model.num_classes, opset=opset, batch_size=batch_size, safety_margin=safety_margin,
-            stages=stages, device_classes=device_classes,
-            global_params=[ParamSpec(n, list(t.shape), not n.endswith(("running_mean", "running_var")))
-                           for n, t in model.state_dict().items() if not n.endswith("num_batches_tracked")],
-        )
-        init = tmp / "initial.npz"
-        np.savez(init, **{p.name: model.state_dict()[p.name].numpy() for p in manifest.global_params})
-        manifest.initial = file_ref(tmp, init)
-        manifest.save(tmp)  # the probe reads it
-        fill_memory(manifest, tmp, batches, measure, progress)
+        while True:
+            _fresh_folder(tmp)
+            say(f"output module: {choice.kind}")
+            model.set_output_modules(choice.kind)
+            manifest = compile_all(model, specs, tmp, opset, batch_size, safety_margin, device_classes,
+                                   optimizer, neulite, say)
+            fill_memory(manifest, tmp, batches, measure, progress)
+            if not recheck_peaks(choice, fits, manifest):
+                break
+            say(f"output module {choice.tried[-1][0]} breaks the peak rule "
+                f"({choice.tried[-1][1][0].describe()}): exporting again with {choice.kind}")
+        manifest.notes = choice.notes(model, specs, manifest, measure)
+        for line in manifest.notes:
+            say(line)
         fill_sizing(manifest)
-        for c in device_classes:
-            if not any(s.sizing_for(c.name).fits for s in manifest.stages):
-                need = min(s.sizing_for(c.name).peak_mb for s in manifest.stages)
-                raise ExportError(f"device class {c.name} ({c.memory_mb:g} MB) is below the smallest stage "
-                                  f"({need:g} MB at micro-batch 1 plus a {safety_margin:.0%} margin)")
+        check_device_classes(manifest)
         manifest.save(tmp)
         if out.exists():
             out.rmdir()  # checked empty above
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        model.basics, model.config = own
         raise
     return manifest
+
+
+def choose_by_parameters(model: BlockModel, specs: list[StageSpec], requested: str) -> tuple[om.Choice, list[str]]:
+    """The first candidate kind whose grow/neulite stages train at most full-model training's parameters, and every
+    kind that passes that count (for fallbacks and suggestions). Refuses when the candidates all break it."""
+    breaks = {k: om.parameter_breaks(model, specs, k) for k in om.OUTPUT_MODULES}
+    fits = [k for k in om.OUTPUT_MODULES if not breaks[k]]
+    tried = []
+    for kind in om.candidates(requested):
+        if not breaks[kind]:
+            return om.Choice(requested, kind, tried), fits
+        tried.append((kind, breaks[kind]))
+    raise ExportError(om.refuse(requested, tried, fits))
+
+
+def recheck_peaks(choice: om.Choice, fits: list[str], manifest: Manifest) -> bool:
+    """After measuring: True when `choice` moved on to the next kind (its stages peak above full's and `auto` has one
+    left that passes the parameter count); refuses when none is left. False: the kind stands."""
+    breaks = om.peak_breaks(manifest)
+    if not breaks:
+        return False
+    choice.tried.append((choice.kind, breaks))
+    later = [k for k in om.candidates(choice.requested) if k in fits and k not in {t for t, _ in choice.tried}]
+    if not later:
+        raise ExportError(om.refuse(choice.requested, choice.tried, [k for k in fits if k != choice.kind]))
+    choice.kind = later[0]
+    return True
+
+
+def _fresh_folder(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise ExportError(f"{tmp.parent}: not writable ({e.strerror})") from None
+
+
+def compile_all(model: BlockModel, specs: list[StageSpec], tmp: Path, opset: int, batch_size: int,
+                safety_margin: float, device_classes: list[DeviceClass], optimizer: OptimizerConfig,
+                neulite: NeuLiteWeights, say: Callable[[str], None]) -> Manifest:
+    """Every stage compiled into `tmp`, the manifest and the initial weights written (the probe reads them)."""
+    stages = []
+    for i, spec in enumerate(specs):
+        say(f"compiling stage {i} {spec.name}")
+        stages.append(compile_stage(model, spec, i, tmp, opset, optimizer, neulite))
+    manifest = Manifest(
+        model=model.name, model_config=dict(model.config), input_shape=list(model.input_shape),
+        num_classes=model.num_classes, opset=opset, batch_size=batch_size, safety_margin=safety_margin,
+        stages=stages, device_classes=device_classes,
+        global_params=[ParamSpec(n, list(t.shape), not n.endswith(("running_mean", "running_var")))
+                       for n, t in model.state_dict().items() if not n.endswith("num_batches_tracked")],
+    )
+    init = tmp / "initial.npz"
+    np.savez(init, **{p.name: model.state_dict()[p.name].numpy() for p in manifest.global_params})
+    manifest.initial = file_ref(tmp, init)
+    manifest.save(tmp)
+    return manifest
+
+
+def check_device_classes(manifest: Manifest) -> None:
+    for c in manifest.device_classes:
+        if not any(s.sizing_for(c.name).fits for s in manifest.stages):
+            need = min(s.sizing_for(c.name).peak_mb for s in manifest.stages)
+            raise ExportError(f"device class {c.name} ({c.memory_mb:g} MB) is below the smallest stage "
+                              f"({need:g} MB at micro-batch 1 plus a {manifest.safety_margin:.0%} margin)")

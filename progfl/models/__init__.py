@@ -1,16 +1,19 @@
 """Block-structured models (the zoo or your own nn.Sequential) and the stages progressive training cuts them into."""
 
-from .base import BlockModel, Classifier
+from .base import DEFAULT_OUTPUT_MODULE, OUTPUT_MODULES, BlockModel, Classifier, basic_layer
 from .sequential import from_sequential
 from .stages import NeuLiteWeights, StageSpec, build_stage, default_stages, parse_stage_name
 from .zoo import ZOO, build_model, load_model
 
 __all__ = [
+    "DEFAULT_OUTPUT_MODULE",
+    "OUTPUT_MODULES",
     "BlockModel",
     "Classifier",
     "NeuLiteWeights",
     "StageSpec",
     "ZOO",
+    "basic_layer",
     "build_model",
     "build_stage",
     "default_stages",

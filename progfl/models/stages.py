@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BlockModel
+from .base import BlockModel, run_frozen
 from .losses import cross_entropy, l2_penalty, mse, nhsic, one_hot
 
 KINDS = ("grow", "distill", "neulite", "full")
@@ -156,8 +156,10 @@ class TrainGraph(Mirror):
         m, t, kind = self.m, self.spec.block, self.spec.kind
         if kind == "full":
             h = m.run_blocks(features, 0, m.T)
-        elif kind == "distill":
-            h = m.head(m.basics[str(t)](features), t)
+        elif kind == "distill":  # the frozen rest of the output module runs as in the teacher (eval-mode norms)
+            h = m.basics[str(t)](features)
+            for k in range(t + 1, m.T):
+                h = run_frozen(m.basics[str(k)], h)
         else:
             h = features if self.coadapt is None else m.get_submodule(self.coadapt)(features)
             h = m.head(m.blocks[t](h), t)

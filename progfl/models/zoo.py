@@ -25,17 +25,23 @@ def build_model(
     input_shape: Shape | list[int] = (3, 32, 32),
     norm: str = "batch",
     width: int | None = None,
+    output_module: str | None = None,
     **kw,
 ) -> BlockModel:
-    """A zoo model; `build_model(**model.config)` gives the same architecture (and, seeded, the same weights)."""
+    """A zoo model; `build_model(**model.config)` gives the same architecture (and, seeded, the same weights).
+    output_module: the kind of basic layer (linear, conv, light; see base.basic_layer), default DEFAULT_OUTPUT_MODULE.
+    The model is built with the default kind and then switched, as export_model switches one, so both ways of
+    getting a kind draw the same weights."""
     if name not in ZOO:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(ZOO)}")
-    return ZOO[name](num_classes=num_classes, input_shape=tuple(input_shape), norm=norm, width=width, **kw)
+    model = ZOO[name](num_classes=num_classes, input_shape=tuple(input_shape), norm=norm, width=width, **kw)
+    return model.set_output_modules(output_module) if output_module else model
 
 
 def load_model(spec: str, num_classes: int, input_shape: Shape, norm: str = "batch", width: int | None = None,
-               seed: int = 0) -> BlockModel:
-    """A zoo name, or 'package.module:function' whose function returns an nn.Sequential of blocks (your model)."""
+               seed: int = 0, output_module: str | None = None) -> BlockModel:
+    """A zoo name, or 'package.module:function' whose function returns an nn.Sequential of blocks (your model).
+    output_module: the kind of basic layer (default: DEFAULT_OUTPUT_MODULE), applied as build_model does."""
     import importlib
 
     import torch
@@ -45,7 +51,7 @@ def load_model(spec: str, num_classes: int, input_shape: Shape, norm: str = "bat
 
     torch.manual_seed(seed)
     if ":" not in spec:
-        return build_model(spec, num_classes, input_shape, norm, width)
+        return build_model(spec, num_classes, input_shape, norm, width, output_module)
     module, _, fn = spec.partition(":")
     try:
         seq = getattr(importlib.import_module(module), fn)()
@@ -53,4 +59,5 @@ def load_model(spec: str, num_classes: int, input_shape: Shape, norm: str = "bat
         raise ValueError(f"cannot load model {spec!r}: {e}") from None
     if not isinstance(seq, nn.Sequential):
         raise ValueError(f"{spec} returned {type(seq).__name__}, expected an nn.Sequential of blocks")
-    return from_sequential(seq, input_shape, num_classes, name=spec)
+    model = from_sequential(seq, input_shape, num_classes, name=spec)
+    return model.set_output_modules(output_module) if output_module else model
