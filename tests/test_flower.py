@@ -161,7 +161,7 @@ def test_deployment_superlink_three_supernodes(artifacts, tmp_path):
         (cli_home / "config.toml").write_text(
             f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
         run_cfg = (f'artifacts="{artifacts}" out="{tmp_path / "run"}" test-data="{tmp_path / "test.npz"}" '
-                   f'plan="profl" rounds=2 per-round=3 seed=1 lr=0.05 min-nodes=3 query-timeout=120.0 '
+                   f'plan="profl" rounds=2 per-round=3 seed=1 lr=0.05 epochs=1 min-nodes=3 query-timeout=120.0 '
                    f'round-timeout=300.0 pace=\'{json.dumps(PACE)}\'')
         deadline = time.time() + 60
         while True:  # the SuperLink needs a moment before it accepts runs
@@ -219,7 +219,7 @@ def test_simulation_engine_ten_nodes(artifacts, tmp_path):
     need = {s.name: required_mb(manifest, s.name) for s in manifest.stages}
     fleet = [round(min(need.values()) - 1.0 + 4.0 * i, 1) for i in range(10)]  # device 0 holds no stage
     cfg = SimConfig(plan="profl", artifacts=str(artifacts), out=str(tmp_path / "run"), dataset="digits", devices=10,
-                    per_round=4, rounds=2, workers=2, seed=1, fleet=fleet, pace=PACE)
+                    per_round=4, rounds=2, epochs=1, workers=2, seed=1, fleet=fleet, pace=PACE)
     run = run_flower_simulation(cfg, quiet=True)
     h = json.loads((run / "history.json").read_text())
     assert [r["round"] for r in h["rounds"]] == [1, 2]
@@ -233,3 +233,20 @@ def test_simulation_engine_ten_nodes(artifacts, tmp_path):
     initial = manifest.initial_weights(artifacts)
     final = load_state(run).arrays
     assert any(not np.array_equal(final[n], initial[n]) for n in initial)
+
+
+def test_simulation_engine_stops_on_divergence(artifacts, tmp_path):
+    """The Flower strategy honours max_rejected_rounds like progfl simulate: lr 1e30 makes every update NaN."""
+    from progfl.server.divergence import Diverged
+    from progfl.server.flower_sim import run_flower_simulation
+    from progfl.server.simulation import SimConfig
+
+    manifest = Manifest.load(artifacts)
+    fleet = [max(required_mb(manifest, s.name) for s in manifest.stages) + 10.0] * 3
+    cfg = SimConfig(plan="fedavg", artifacts=str(artifacts), out=str(tmp_path / "run"), dataset="digits", devices=3,
+                    per_round=2, rounds=5, epochs=1, lr=1e30, workers=2, seed=1, fleet=fleet, max_rejected_rounds=2)
+    with pytest.raises(Diverged, match="rounds 1, 2"):
+        run_flower_simulation(cfg, quiet=True)
+    h = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["round"] for r in h["rounds"]] == [1, 2]
+    assert all(r["participants"] and len(r["dropped"]) == len(r["participants"]) for r in h["rounds"])

@@ -137,6 +137,44 @@ def test_controller_em_of_drift_and_cap():
     assert pc.should_freeze() == (True, "max_rounds: 8 rounds >= 8")
 
 
+def test_controller_em_from_the_stage_start():
+    # the stage's starting weights open the window: with W = 3 the first EM is EM_3 = EM(a_0..a_3)
+    pc = PaceController(PaceConfig(window=3, slope_window=2, min_rounds=1))
+    a0 = {"w": np.zeros((2, 2), np.float32)}
+    pc.start_stage("grow-1", a0, seed=0, initial=a0)
+    steps = [np.full((2, 2), v, np.float32) for v in (1.0, 3.0, 2.0, 4.0)]
+    ems = [pc.observe({"w": s}) for s in steps]
+    assert ems[:2] == [None, None]
+    assert ems[2] == pytest.approx(reference_em([a0["w"]] + steps[:3]))  # |2 - 0| / (1 + 2 + 1) = 0.5
+    assert ems[2] == pytest.approx(0.5) and ems[3] == pytest.approx(reference_em(steps))
+    # resume right after start_stage: a_0 travels in state_dict, so the copy gives the same EMs
+    fresh, copy = PaceController(pc.config), PaceController()
+    fresh.start_stage("grow-1", a0, seed=0, initial=a0)
+    copy.load_state_dict(fresh.state_dict())
+    assert [copy.observe({"w": s}) for s in steps] == ems and copy.history == pc.history
+
+
+def test_divergence_streak_counts_rounds_with_participants_only():
+    from progfl.server.divergence import Diverged, check_divergence, rejected_streak
+
+    def rec(r, participants, dropped):
+        return {"round": r, "stage": "grow-0", "participants": participants,
+                "dropped": [[d, "w contains NaN or Inf"] for d in dropped]}
+
+    ok, bad = (lambda r: rec(r, [1, 2], [2])), (lambda r: rec(r, [1, 2], [1, 2]))
+    history = [ok(1), bad(2), rec(3, [], []), bad(4)]
+    assert [r["round"] for r in rejected_streak(history)] == [2, 4]  # round 3 had nobody: neither counts nor breaks
+    check_divergence(history, 3)  # only two
+    with pytest.raises(Diverged) as err:
+        check_divergence(history + [bad(5)], 3, lr=1e30, epochs=5)
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in msg
+    for part in ("diverged", "rounds 2, 4, 5", "--lr", "--epochs", "normalised output module", "checkpoint"):
+        assert part in msg, part
+    check_divergence(history + [bad(5), ok(6)], 3)  # an accepted update ends the streak
+    check_divergence([bad(r) for r in range(1, 10)], 0)  # 0: never stop
+
+
 def run_walk(pc, rng, rounds):
     return [pc.observe({"w": rng.normal(size=(20, 5)).cumsum(0).astype(np.float32)}) for _ in range(rounds)]
 

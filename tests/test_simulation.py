@@ -30,7 +30,7 @@ FLEET = [75.0, 79.0, 82.0, 85.0, 90.0, 120.0]  # the tiny model's stages need ~7
 
 def config(artifacts, out, plan, **kw) -> SimConfig:
     base = dict(plan=plan, artifacts=str(artifacts), out=str(out), dataset="digits", devices=6, per_round=3,
-                rounds=2, lr=0.05, workers=2, seed=1, fleet=FLEET, pace={"window": 2, "slope_window": 2, "min_rounds": 1})
+                rounds=2, lr=0.05, epochs=1, workers=2, seed=1, fleet=FLEET, pace={"window": 2, "slope_window": 2, "min_rounds": 1})
     return SimConfig(**{**base, **kw})
 
 
@@ -105,3 +105,29 @@ def test_bad_simulation_input(artifacts, tmp_path):
     (tmp_path / "z" / "mine.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         run_simulation(config(artifacts, tmp_path / "z", "profl"), quiet=True)
+
+
+def test_divergence_stops_the_run_with_exit_code_2(artifacts, tmp_path):
+    """lr 1e30 makes every local update NaN: the run stops after exactly k = 3 rounds (the default), keeping what it
+    wrote."""
+    from click.testing import CliRunner
+
+    from progfl.cli import main
+
+    fleet = tmp_path / "fleet.json"
+    fleet.write_text(json.dumps(FLEET))
+    out = tmp_path / "nan"
+    result = CliRunner().invoke(main, [
+        "simulate", "--plan", "fedavg", "--artifacts", str(artifacts), "--out", str(out), "--dataset", "digits",
+        "--fleet", str(fleet), "--per-round", "2", "--rounds", "6", "--epochs", "1", "--lr", "1e30", "--seed", "1",
+        "--workers", "2"])
+    assert result.exit_code == 2, result.output
+    message = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "diverged" in message[0] and "rounds 1, 2, 3" in message[0], result.output
+    assert "--lr" in message[0] and "--epochs" in message[0] and "normalised output module" in message[0]
+    h = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in h["rounds"]] == [1, 2, 3]
+    for r in h["rounds"]:
+        assert r["participants"] and len(r["dropped"]) == len(r["participants"]) and r["kept_previous"]
+        assert all("NaN or Inf" in why for _, why in r["dropped"])
+    assert load_state(out).round == 3

@@ -4,6 +4,7 @@ numpy + standard library only (no torch, no onnx): the server also runs inside F
 """
 
 from progfl.server.aggregate import Aggregator
+from progfl.server.divergence import Diverged
 from progfl.server.pace import PaceConfig, PaceController, effective_movement, freeze_rule, slope
 from progfl.server.selection import DeviceInfo, Selector, SmartFreezeSelector, UniformSelector, eligible
 from progfl.server.state import ServerState, StateError, load_state, restore_rng, save_state
@@ -11,6 +12,7 @@ from progfl.server.state import ServerState, StateError, load_state, restore_rng
 __all__ = [
     "Aggregator",
     "DeviceInfo",
+    "Diverged",
     "PaceConfig",
     "PaceController",
     "Selector",

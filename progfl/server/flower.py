@@ -11,7 +11,8 @@ and writes history.json + the checkpoint after every round, like `progfl simulat
 Run config ([tool.flwr.app.config] of progfl/flower_app/pyproject.toml, or `flwr run --run-config`):
     artifacts, plan, rounds, per-round, lr, epochs, seed, test-data (.npz from progfl.data.write_dataset; ""
     = no evaluation), out (run folder), min-nodes, round-timeout, query-timeout, pace/options (JSON strings),
-    sim-fleet (simulation engine only, read by the ClientApp).
+    max-rejected-rounds (stop with divergence.Diverged after this many rounds in a row whose every update was
+    rejected; 0: never), sim-fleet (simulation engine only, read by the ClientApp).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..device_runtime.flower import (
     task_to_content,
 )
 from ..manifest import MANIFEST_NAME, Manifest, sha256_file
+from .divergence import check_divergence
 from .evaluate import Evaluator
 from .pace import PaceConfig
 from .plans import Plan, PlanConfig, make_plan
@@ -53,8 +55,8 @@ class FlowerRunConfig:
     plan: str = "profl"
     rounds: int = 2
     per_round: int = 5
-    lr: float = 0.05
-    epochs: int = 1
+    lr: float = 0.01
+    epochs: int = 5
     seed: int = 0
     test_data: str = ""
     min_nodes: int = 2
@@ -62,6 +64,7 @@ class FlowerRunConfig:
     query_timeout: float = 120.0
     pace: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    max_rejected_rounds: int = 3
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> FlowerRunConfig:
@@ -70,10 +73,11 @@ class FlowerRunConfig:
             return json.loads(v) if isinstance(v, str) and v.strip() else {}
 
         return cls(artifacts=str(rc["artifacts"]), out=str(rc["out"]), plan=str(rc.get("plan", "profl")),
-                   rounds=int(rc.get("rounds", 2)), per_round=int(rc.get("per-round", 5)), lr=float(rc.get("lr", 0.05)),
-                   epochs=int(rc.get("epochs", 1)), seed=int(rc.get("seed", 0)), test_data=str(rc.get("test-data", "")),
+                   rounds=int(rc.get("rounds", 2)), per_round=int(rc.get("per-round", 5)), lr=float(rc.get("lr", 0.01)),
+                   epochs=int(rc.get("epochs", 5)), seed=int(rc.get("seed", 0)), test_data=str(rc.get("test-data", "")),
                    min_nodes=int(rc.get("min-nodes", 2)), round_timeout=float(rc.get("round-timeout", 3600)),
-                   query_timeout=float(rc.get("query-timeout", 120)), pace=js("pace"), options=js("options"))
+                   query_timeout=float(rc.get("query-timeout", 120)), pace=js("pace"), options=js("options"),
+                   max_rejected_rounds=int(rc.get("max-rejected-rounds", 3)))
 
 
 def query_devices(grid: Grid, manifest: Manifest, min_nodes: int, timeout: float) -> tuple[list[DeviceInfo], dict[int, int], dict[int, set[str]]]:
@@ -116,8 +120,9 @@ class ProgflStrategy(Strategy):
 
     def __init__(self, plan: Plan, state: ServerState, devices: list[DeviceInfo], node_of: dict[int, int],
                  held: dict[int, set[str]], artifacts: str | Path, run: str | Path, evaluator: Evaluator | None,
-                 config: dict[str, Any], fleet: list[dict[str, Any]]):
+                 config: dict[str, Any], fleet: list[dict[str, Any]], max_rejected_rounds: int = 3):
         self.plan, self.state, self.devices = plan, state, devices
+        self.max_rejected_rounds = max_rejected_rounds
         self.node_of, self.held = node_of, held
         self.device_of = {n: d for d, n in node_of.items()}
         self.artifacts, self.run = Path(artifacts), Path(run)
@@ -212,6 +217,7 @@ class ProgflStrategy(Strategy):
         self.state.history.append(record)
         save_state(self.state, self.run)
         write_history(self.run, self.plan.name, self.config, self.fleet, self.state)
+        check_divergence(self.state.history, self.max_rejected_rounds, self.plan.config.lr, self.plan.config.epochs)
         out = {"round": float(self.state.round)}
         if record["accuracy"] is not None:
             out.update(accuracy=float(record["accuracy"]), test_loss=float(record["test_loss"]))
@@ -241,16 +247,19 @@ def run_server(grid: Grid, cfg: FlowerRunConfig, fleet_config: dict[str, Any] | 
                         pace={}, rng=np.random.default_rng([cfg.seed, 2]).bit_generator.state, config=config)
     plan.start(state)
     fleet = [{"id": d.id, "node_id": node_of[d.id], "budget_mb": d.budget_mb} for d in devices]
-    strategy = ProgflStrategy(plan, state, devices, node_of, held, cfg.artifacts, run, evaluator, config, fleet)
-    strategy.start(grid, arrays_to_record(state.arrays), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
-                   evaluate_fn=strategy.evaluate_round)
-    if state.history:
-        from .report import write_report
+    strategy = ProgflStrategy(plan, state, devices, node_of, held, cfg.artifacts, run, evaluator, config, fleet,
+                              cfg.max_rejected_rounds)
+    try:
+        strategy.start(grid, arrays_to_record(state.arrays), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
+                       evaluate_fn=strategy.evaluate_round)
+    finally:  # also when the run stopped (Diverged): the report covers the rounds that were written
+        if state.history:
+            from .report import write_report
 
-        try:
-            write_report([run], run, None)
-        except Exception:  # noqa: BLE001  (plots need matplotlib, which a server may lack; history is written)
-            pass
+            try:
+                write_report([run], run, None)
+            except Exception:  # noqa: BLE001  (plots need matplotlib, which a server may lack; history is written)
+                pass
     return state
 
 

@@ -62,7 +62,7 @@ def run_flower_simulation(cfg: SimConfig, quiet: bool = False) -> Path:
     fcfg = FlowerRunConfig(artifacts=str(Path(cfg.artifacts).resolve()), out=str(run), plan=cfg.plan, rounds=cfg.rounds,
                            per_round=cfg.per_round, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed,
                            test_data=str(run / "test.npz"), min_nodes=cfg.devices, pace=dict(cfg.pace),
-                           options=dict(cfg.options))
+                           options=dict(cfg.options), max_rejected_rounds=cfg.max_rejected_rounds)
     sim_config = {k: v for k, v in vars(cfg).items() if k not in ("out", "artifacts")}
     errors: list[BaseException] = []
 

@@ -3,6 +3,7 @@
 EM_r = ||a_r - a_{r-W}||_1 / sum_{k=r-W+1..r} ||a_k - a_{k-1}||_1 on a fixed random sample of the active
 block's trainable scalars: near 1 the weights still travel one way, near 0 they only oscillate. The authors'
 exact rule is unpublished; ours freezes once the EM curve is flat and low, with a cap on rounds per stage.
+The window opens with the stage's starting weights a_0, so EM_r exists from round W of the stage on.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class PaceConfig:
     slope_window: int = 5  # N: EM values the least-squares slope is fitted on
     slope_threshold: float = 0.02  # |slope| (EM per round) below which the curve counts as flat
     em_threshold: float = 0.3  # EM below which the block counts as converged
-    min_rounds: int = 3  # never freeze earlier
-    max_rounds: int = 30  # always freeze at this many rounds in a stage
+    min_rounds: int = 3  # never freeze earlier (a plan's phase may set its own, see plans.base.Phase)
+    max_rounds: int = 30  # always freeze at this many rounds in a stage (a phase may set its own)
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.slope_window < 2 or self.sample_size < 1:
@@ -55,12 +56,16 @@ def slope(values: Sequence[float]) -> float:
     return float((x * (y - y.mean())).sum() / (x * x).sum())
 
 
-def freeze_rule(ems: Sequence[float], rounds: int, cfg: PaceConfig) -> tuple[bool, str]:
-    """The freezing decision from the EM values so far and the rounds spent in the stage."""
-    if rounds >= cfg.max_rounds:
-        return True, f"max_rounds: {rounds} rounds >= {cfg.max_rounds}"
-    if rounds < cfg.min_rounds:
-        return False, f"min_rounds: {rounds} rounds < {cfg.min_rounds}"
+def freeze_rule(ems: Sequence[float], rounds: int, cfg: PaceConfig, min_rounds: int | None = None,
+                max_rounds: int | None = None) -> tuple[bool, str]:
+    """The freezing decision from the EM values so far and the rounds spent in the stage. min_rounds/max_rounds
+    override the config's for one stage (a ProFL shrinking step has its own cap); min is clipped to max."""
+    hi = cfg.max_rounds if max_rounds is None else int(max_rounds)
+    lo = min(cfg.min_rounds if min_rounds is None else int(min_rounds), hi)
+    if rounds >= hi:
+        return True, f"max_rounds: {rounds} rounds >= {hi}"
+    if rounds < lo:
+        return False, f"min_rounds: {rounds} rounds < {lo}"
     if len(ems) < cfg.slope_window:
         return False, f"warming up: {len(ems)} of {cfg.slope_window} EM values"
     s, last = slope(ems[-cfg.slope_window :]), ems[-1]
@@ -88,8 +93,13 @@ class PaceController:
         """The sampled scalars as (array name, flat index) pairs."""
         return [(self.names[w], int(i)) for w, i in zip(self.which, self.index)]
 
-    def start_stage(self, stage_name: str, trainable: dict[str, Any], seed: int = 0) -> None:
-        """Pick the stage's fixed sample (deterministic in seed and stage name) and forget the last stage."""
+    def start_stage(self, stage_name: str, trainable: dict[str, Any], seed: int = 0,
+                    initial: dict[str, np.ndarray] | None = None) -> None:
+        """Pick the stage's fixed sample (deterministic in seed and stage name) and forget the last stage.
+
+        `trainable` maps the active block's array names to arrays or shapes. `initial` are the stage's starting
+        weights a_0: they open the window, so EM_r is defined from round W of the stage on (without them, from
+        round W+1)."""
         self.stage, self.seed = stage_name, int(seed)
         self.names = sorted(trainable)
         sizes = np.array([int(np.prod(_shape(trainable[n]))) for n in self.names], dtype=np.int64)
@@ -107,6 +117,8 @@ class PaceController:
         self.rounds = 0
         self.history = []
         self._window.clear()
+        if initial is not None:
+            self._window.append(self.sample(initial))
 
     def sample(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """The sampled scalars of the given arrays, in float64."""
@@ -118,7 +130,7 @@ class PaceController:
         return np.concatenate(parts).astype(np.float64)
 
     def observe(self, arrays: dict[str, np.ndarray]) -> float | None:
-        """Record one round's aggregated weights; EM once W+1 vectors exist, else None."""
+        """Record one round's aggregated weights; EM once W+1 vectors (a_0 included) exist, else None."""
         if not self.names:
             raise ManifestError("pace: observe() before start_stage()")
         self._window.append(self.sample(arrays))
@@ -131,9 +143,10 @@ class PaceController:
     def ems(self) -> list[float]:
         return [h["em"] for h in self.history if h["em"] is not None]
 
-    def should_freeze(self) -> tuple[bool, str]:
-        """Whether to freeze the active block now, and which rule decided."""
-        return freeze_rule(self.ems, self.rounds, self.config)
+    def should_freeze(self, min_rounds: int | None = None, max_rounds: int | None = None) -> tuple[bool, str]:
+        """Whether to freeze the active block now, and which rule decided (min/max: this stage's, if not the
+        config's)."""
+        return freeze_rule(self.ems, self.rounds, self.config, min_rounds, max_rounds)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able values plus top-level numpy arrays: enough to continue exactly after a restart."""

@@ -3,7 +3,8 @@ real artifacts in worker processes, each device's peak memory measured; a checkp
 
 One round, top to bottom: plan.configure_train picks devices and writes tasks -> workers run
 device_runtime.trainer.train_round (ORT) -> plan.aggregate_train averages and may freeze the block ->
-Evaluator scores the global model -> history.json and the checkpoint are written atomically.
+Evaluator scores the global model -> history.json and the checkpoint are written atomically. A run whose every
+update is rejected for `max_rejected_rounds` consecutive rounds stops with divergence.Diverged.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..device_runtime import ort_backend as _preload  # noqa: F401  (ORT imported once, in the fork server)
 from ..manifest import Manifest, ManifestError, TrainTask, TrainUpdate, write_atomic
+from .divergence import check_divergence
 from .evaluate import Evaluator
 from .fleet import profl_fleet
 from .pace import PaceConfig
@@ -38,13 +40,13 @@ class SimConfig:
     out: str
     dataset: str = "mnist5k"
     data_path: str | None = None
-    partition: str = "iid"  # iid | dirichlet | shards
+    partition: str = "iid"  # iid | dirichlet | label-dirichlet | shards
     alpha: float = 0.5
     devices: int = 20
     per_round: int = 5
     rounds: int = 30
-    epochs: int = 1
-    lr: float = 0.05
+    epochs: int = 5  # local epochs, as ProFL's authors
+    lr: float = 0.01  # SGD lr, as ProFL's authors (momentum 0.9, weight decay 5e-4 and batch 32 are set at export)
     seed: int = 0
     workers: int = 2
     full_share: float = 0.08
@@ -53,6 +55,7 @@ class SimConfig:
     target: float | None = None
     pace: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    max_rejected_rounds: int = 3  # stop (Diverged) after this many rounds in a row with every update rejected; 0: never
 
     def check(self) -> Manifest:
         """Settings and artifacts both engines need valid before any work starts; returns the manifest."""
@@ -60,6 +63,8 @@ class SimConfig:
         manifest.verify_files(self.artifacts)
         if self.devices < 1 or self.per_round < 1 or self.rounds < 1:
             raise ValueError("devices, per-round and rounds must be positive")
+        if self.epochs < 1 or not self.lr > 0 or self.max_rejected_rounds < 0:
+            raise ValueError("epochs must be >= 1, lr > 0 and max-rejected-rounds >= 0")
         if self.fleet is not None and (len(self.fleet) != self.devices or min(self.fleet) <= 0):
             raise ValueError(f"the fleet lists {len(self.fleet)} budgets for {self.devices} devices (all must be > 0 MB)")
         return manifest
@@ -82,19 +87,20 @@ def _worker_init(artifacts: str) -> None:
 def _worker_train(shard: str, cache_dir: str | None, task: TrainTask) -> TrainUpdate:
     from ..device_runtime.cache import FeatureCache
     from ..device_runtime.ort_backend import OrtStage
-    from ..device_runtime.shard import read_shard
+    from ..device_runtime.shard import Shard
     from ..device_runtime.trainer import train_round
 
     m = _worker["manifest"]
     backend = OrtStage(_worker["artifacts"], m, task.stage, _worker["options"])
-    x, y = read_shard(shard)
     cache = FeatureCache(cache_dir) if cache_dir else None
-    return train_round(backend, m.stage(task.stage), task, x, y, cache)
+    with Shard(shard, scratch=cache_dir) as data:
+        data.validate(m.input_shape, m.num_classes)
+        return train_round(backend, m.stage(task.stage), task, data, cache)
 
 
 # ---- server side ----
 def prepare_data(cfg: SimConfig, manifest: Manifest, run: Path) -> tuple[list[DeviceInfo], np.ndarray, np.ndarray]:
-    from ..data import dirichlet, iid, load_dataset, read_dataset, shards, write_dataset, write_shards
+    from ..data import dirichlet, iid, label_dirichlet, load_dataset, read_dataset, shards, write_dataset, write_shards
 
     data_dir = run / "data"
     if not (data_dir / "index.json").exists():
@@ -106,9 +112,10 @@ def prepare_data(cfg: SimConfig, manifest: Manifest, run: Path) -> tuple[list[De
         rng = np.random.default_rng(cfg.seed)
         parts = {"iid": lambda: iid(train.y, cfg.devices, rng),
                  "dirichlet": lambda: dirichlet(train.y, cfg.devices, cfg.alpha, rng),
+                 "label-dirichlet": lambda: label_dirichlet(train.y, cfg.devices, cfg.alpha, rng),
                  "shards": lambda: shards(train.y, cfg.devices, 2, rng)}
         if cfg.partition not in parts:
-            raise ValueError(f"unknown partition {cfg.partition!r}: use iid, dirichlet or shards")
+            raise ValueError(f"unknown partition {cfg.partition!r}: use iid, dirichlet, label-dirichlet or shards")
         write_shards(train, parts[cfg.partition](), data_dir)
         write_dataset(test, run / "test.npz")
     index = json.loads((data_dir / "index.json").read_text())
@@ -194,6 +201,13 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
             write_history(run, plan.name, config, fleet, state)
             if not quiet:
                 _progress(state.round, cfg.rounds, record)
+            try:
+                check_divergence(state.history, cfg.max_rejected_rounds, cfg.lr, cfg.epochs)
+            except ValueError:
+                if not quiet and sys.stderr.isatty():
+                    sys.stderr.write("\n")
+                _report_quietly(run, cfg.target)
+                raise
             if stop_after is not None and state.round >= stop_after:
                 raise Stopped(f"stopped after round {state.round}")
     if not quiet and sys.stderr.isatty():
@@ -202,6 +216,16 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
 
     write_report([run], run, cfg.target)
     return run
+
+
+def _report_quietly(run: Path, target: float | None) -> None:
+    """report.md and plots for a run that stops with an error: helpful, but never the error the user sees."""
+    from .report import write_report
+
+    try:
+        write_report([run], run, target)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write the report of %s: %s", run, e)
 
 
 def write_history(run: Path, plan: str, config: dict, fleet: list[dict], state: ServerState) -> None:

@@ -23,22 +23,38 @@ from ..state import ServerState
 
 @dataclass
 class Phase:
-    """One stretch of training on one stage. freeze='em': the pace controller ends it (min/max rounds in
-    PaceConfig); 'fixed': exactly `rounds` rounds. memory=False ignores budgets (FedAvg's upper bound)."""
+    """One stretch of training on one stage.
+
+    freeze='em': the pace controller ends it once effective movement says the block has converged, after at least
+    `min_rounds` and at most `max_rounds` rounds (None: the pace config's; min_rounds is clipped to max_rounds).
+    freeze='fixed': exactly `rounds` rounds.
+    Whatever its kind, the plan's last phase is never frozen: it trains until the round budget is spent. Any other
+    phase is frozen early (reason "budget") once the rounds left are needed to give every later phase its minimum.
+    memory=False ignores budgets (FedAvg's upper bound)."""
 
     stage: str
     freeze: str = "em"
     rounds: int = 0
     memory: bool = True
     lr: float | None = None  # None: the plan's lr
+    min_rounds: int | None = None  # 'em' only; None: PaceConfig.min_rounds
+    max_rounds: int | None = None  # 'em' only; None: PaceConfig.max_rounds
+
+    def limits(self, pace: PaceConfig) -> tuple[int, int]:
+        """(least, most) rounds this phase trains unless the budget or its being last overrides them."""
+        if self.freeze == "fixed":
+            return self.rounds, self.rounds
+        hi = pace.max_rounds if self.max_rounds is None else int(self.max_rounds)
+        lo = pace.min_rounds if self.min_rounds is None else int(self.min_rounds)
+        return min(lo, hi), hi
 
 
 @dataclass
 class PlanConfig:
-    rounds: int = 40  # the round budget; a plan whose phases end earlier stops there
+    rounds: int = 40  # the round budget: every plan trains for exactly this many rounds
     per_round: int = 10
-    lr: float = 0.05
-    epochs: int = 1
+    lr: float = 0.01  # SGD, as ProFL's authors (momentum 0.9 and weight decay 5e-4 are set at export)
+    epochs: int = 5  # local epochs per round, as ProFL's authors
     min_updates: int = 1
     seed: int = 0
     pace: PaceConfig = field(default_factory=PaceConfig)
@@ -56,6 +72,17 @@ class Plan(ABC):
             raise ManifestError(f"plan {self.name} needs stage kinds {sorted(missing)}: export with "
                                 f"--stages {','.join(sorted(set(self.kinds)))}")
         self.phases = self.build_phases()
+        if not self.phases:
+            raise ValueError(f"plan {self.name}: no phases to train")
+        for p in self.phases:
+            if p.freeze not in ("em", "fixed"):
+                raise ValueError(f"plan {self.name}: phase {p.stage} has freeze={p.freeze!r}, use 'em' or 'fixed'")
+            lo, hi = p.limits(config.pace)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"plan {self.name}: phase {p.stage} needs 1 <= min rounds <= max rounds, got {lo}..{hi}")
+        # reserve[i]: the rounds phases i+1.. need at least (their min rounds); phase i yields to them
+        mins = [p.limits(config.pace)[0] for p in self.phases]
+        self.reserve = [sum(mins[i + 1:]) for i in range(len(mins))]
         self.pace = PaceController(config.pace)
         self.selector: Selector = UniformSelector()
 
@@ -68,7 +95,9 @@ class Plan(ABC):
         self._enter_phase(state)
 
     def done(self, state: ServerState) -> bool:
-        return state.plan_state["phase"] >= len(self.phases) or state.round >= self.config.rounds
+        """True once the round budget is spent: the last phase is never frozen, so the phases cannot run out
+        first (the phase check only guards checkpoints written before that rule)."""
+        return state.round >= self.config.rounds or state.plan_state["phase"] >= len(self.phases)
 
     def phase(self, state: ServerState) -> Phase:
         return self.phases[state.plan_state["phase"]]
@@ -86,8 +115,9 @@ class Plan(ABC):
         state.plan_state["rounds_in_phase"] = 0
         if state.plan_state["phase"] < len(self.phases):
             stage = self.stage(state)
-            names = self.active_names(stage)
-            self.pace.start_stage(stage.name, {n: state.arrays[n] for n in names}, self.config.seed)
+            active = {n: state.arrays[n] for n in self.active_names(stage)}
+            # the stage's starting weights open the EM window: EM exists from round W of the stage on
+            self.pace.start_stage(stage.name, active, self.config.seed, initial=active)
             state.pace = self.pace.state_dict()
 
     # ---- configure / aggregate ----
@@ -135,14 +165,22 @@ class Plan(ABC):
         return record
 
     def _advance(self, state: ServerState, stage: Stage) -> dict[str, Any]:
-        phase = self.phase(state)
+        i, phase = state.plan_state["phase"], self.phase(state)
         state.plan_state["rounds_in_phase"] += 1
-        em = self.pace.observe({n: state.arrays[n] for n in self.pace.names})
-        if phase.freeze == "em":
-            froze, reason = self.pace.should_freeze()
+        n = state.plan_state["rounds_in_phase"]
+        em = self.pace.observe({name: state.arrays[name] for name in self.pace.names})
+        if i == len(self.phases) - 1:
+            froze, reason = False, f"last phase: trains until the round budget ({self.config.rounds}) is spent"
+        elif phase.freeze == "em":
+            froze, reason = self.pace.should_freeze(*phase.limits(self.config.pace))
         else:
-            froze = state.plan_state["rounds_in_phase"] >= phase.rounds
-            reason = f"fixed: {state.plan_state['rounds_in_phase']}/{phase.rounds} rounds"
+            froze, reason = n >= phase.rounds, f"fixed: {n}/{phase.rounds} rounds"
+        left, reserve = self.config.rounds - state.round, self.reserve[i]
+        if not froze and i < len(self.phases) - 1 and left <= reserve:
+            later = len(self.phases) - 1 - i
+            froze, reason = True, (f"budget: {left} of {self.config.rounds} rounds left, " + (
+                f"the {later} later phases need {reserve} (their min rounds)" if later > 1 else
+                f"the last phase needs {reserve} (its min rounds)"))
         state.pace = self.pace.state_dict()
         if froze:
             state.plan_state["phase"] += 1

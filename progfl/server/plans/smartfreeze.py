@@ -1,7 +1,8 @@
 """SmartFreeze: growing with a pace controller (effective movement) and a participant selector that weighs
 memory headroom, data (size and label balance) and measured speed (formula: SmartFreezeSelector).
 
-Options: alpha, beta, gamma, explore (the selector's exponents and exploration share).
+Options: alpha, beta, gamma, explore (the selector's exponents and exploration share); selector = "smart"
+(default) or "uniform" (uniform sampling among eligible devices: the ablation the benchmark compares against).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ class SmartFreeze(Plan):
     def __init__(self, manifest, config):
         super().__init__(manifest, config)
         o = config.options
-        self.selector = SmartFreezeSelector(o.get("alpha", 1.0), o.get("beta", 1.0), o.get("gamma", 0.5),
-                                            o.get("explore", 0.1))
+        kind = o.get("selector", "smart")
+        if kind not in ("smart", "uniform"):
+            raise ValueError(f"smartfreeze: option selector must be smart or uniform, got {kind!r}")
+        if kind == "smart":
+            self.selector = SmartFreezeSelector(o.get("alpha", 1.0), o.get("beta", 1.0), o.get("gamma", 0.5),
+                                                o.get("explore", 0.1))
 
     def build_phases(self) -> list[Phase]:
         T = max(s.block for s in self.manifest.stages if s.kind == "grow") + 1
