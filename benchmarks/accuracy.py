@@ -1,12 +1,18 @@
-"""Accuracy against the baselines: every plan on the same seed, data and fleet.
+"""Accuracy against the baselines: every plan on the same seeds, data and fleet, at the papers' local work.
 
-100 devices, 20 per round, ProFL's fleet (8 % hold full-model training), IID and Dirichlet(0.5), on MNIST-5k
-and animal-mnist. Per run: final accuracy, rounds and simulated device-time to the target, share of devices
-that took part, peak memory per device against its budget. Writes benchmarks/out/accuracy.{json,md} and one
-report folder per dataset/partition with the accuracy, EM and memory plots.
+A grid of (dataset, partition, seed, plan) runs of `progfl simulate`, each with ProFL's fleet shape (8 % of the
+devices hold full-model training), SGD lr 0.01 with momentum 0.9 and weight decay 5e-4, 5 local epochs, batch 32.
+Partitions: iid, dirXX = equal-size devices whose label mixes follow Dirichlet(XX) (Hsu et al.), so every device
+keeps real local work. Per run: final and best accuracy, rounds and simulated device-time to the target, the share
+of devices that took part, the highest peak/budget of any device-round. Per (dataset, partition, plan): mean and
+spread (min..max) over the seeds. Extras: SmartFreeze's selector against uniform sampling among eligible devices
+(`--selector`), and NeuLite's l1/l2 (`--neulite-sweep`: three values each, one export per value).
 
-    python benchmarks/accuracy.py                 # the full grid (long: about an hour on 2 cores)
-    python benchmarks/accuracy.py --quick         # 20 devices, 5 per round, 12 rounds, MNIST-5k IID only
+Results (benchmarks/out/accuracy.{json,md}) are rewritten after every run, so a stopped grid keeps what it did;
+`--resume` skips runs whose history is complete.
+
+    python benchmarks/accuracy.py --datasets mnist5k --partitions dir0.5,iid --seeds 0,1,2 --rounds 100
+    python benchmarks/accuracy.py --quick     # 12 rounds, one cell: a smoke run
 """
 
 from __future__ import annotations
@@ -15,19 +21,22 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 from pathlib import Path
 
 from progfl.manifest import Manifest, ManifestError, write_atomic
-from progfl.server.report import compare_table, load_history, summarize, write_report
+from progfl.server.report import load_history, summarize
 from progfl.server.simulation import SimConfig, run_simulation
 
 PLANS = ("profl", "smartfreeze", "neulite", "exclusive", "fedavg")
-PACE = {"window": 3, "slope_window": 3, "min_rounds": 4, "max_rounds": 12, "slope_threshold": 0.05, "em_threshold": 0.5}
+PROGRESSIVE = ("profl", "smartfreeze", "neulite")
+PACE = {"window": 3, "slope_window": 3, "min_rounds": 5, "max_rounds": 30}
+L_VALUES = (0.0, 0.1, 0.3)  # the NeuLite sweep: each of l1, l2 over these with the other at its default 0.1
 
 
-def artifacts(out: Path, width: int) -> Path:
-    """A ResNet-18 for 28x28 grey images with every stage kind, exported once and reused."""
-    folder = out / f"accuracy-artifacts-w{width}"
+def artifacts(out: Path, width: int, l1: float = 0.1, l2: float = 0.1) -> Path:
+    """A ResNet-18 for 28x28 grey images (every stage kind; NeuLite's weights l1, l2), exported once and reused."""
+    folder = out / f"accuracy-artifacts-w{width}" if (l1, l2) == (0.1, 0.1) else out / f"accuracy-artifacts-w{width}-l{l1}-{l2}"
     try:
         Manifest.load(folder).verify_files(folder)
         return folder
@@ -38,68 +47,127 @@ def artifacts(out: Path, width: int) -> Path:
 
     from progfl.exporter import export_model
     from progfl.exporter.sizing import load_device_classes
-    from progfl.models import build_model
+    from progfl.models import NeuLiteWeights, build_model
 
     torch.manual_seed(0)
     model = build_model("resnet18", 10, (1, 28, 28), width=width)
-    export_model(model, folder, load_device_classes(None)[:1], kinds=("grow", "distill", "neulite", "full"),
-                 batch_size=32, measure_batches=[1, 8, 32], progress=print)
+    kinds = ("grow", "distill", "neulite", "full") if (l1, l2) == (0.1, 0.1) else ("neulite", "full")
+    export_model(model, folder, load_device_classes(None)[:1], kinds=kinds, batch_size=32,
+                 neulite=NeuLiteWeights(l1, l2), measure_batches=[1, 8, 32], progress=print)
     return folder
+
+
+def partition(name: str) -> dict:
+    if name == "iid":
+        return {"partition": "iid"}
+    if name.startswith("dir"):
+        return {"partition": "label-dirichlet", "alpha": float(name[3:])}
+    raise SystemExit(f"unknown partition {name!r}: iid or dirALPHA (e.g. dir0.5)")
+
+
+def run_cell(a, art: Path, dataset: str, part: str, seed: int, plan: str, tag: str, options: dict) -> dict:
+    folder = Path(a.out) / "accuracy-runs" / f"{dataset}-{part}-s{seed}-{tag}"
+    done = folder / "history.json"
+    if not (a.resume and done.exists() and len(load_history(folder)["rounds"]) >= a.rounds):
+        shutil.rmtree(folder, ignore_errors=True)
+        cfg = SimConfig(plan=plan, artifacts=str(art), out=str(folder), dataset=dataset, devices=a.devices,
+                        per_round=a.per_round, rounds=a.rounds, epochs=a.epochs, lr=a.lr, seed=seed,
+                        workers=os.cpu_count() or 2, target=a.target, pace=PACE, options=options, **partition(part))
+        run_simulation(cfg, quiet=True)
+    s = summarize(load_history(folder), a.target)
+    return {"dataset": dataset, "partition": part, "seed": seed, "plan": tag,
+            **{k: v for k, v in s.items() if k != "stages"}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--datasets", default="mnist5k,animal-mnist")
+    ap.add_argument("--partitions", default="iid,dir0.5,dir0.1")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--plans", default=",".join(PLANS))
-    ap.add_argument("--datasets", default=None)
-    ap.add_argument("--partitions", default=None)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--devices", type=int, default=20)
+    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--target", type=float, default=0.8)
+    ap.add_argument("--selector", action="store_true", help="also SmartFreeze with uniform selection")
+    ap.add_argument("--neulite-sweep", action="store_true", help="also NeuLite with l1, l2 in 0, 0.1, 0.3")
+    ap.add_argument("--resume", action="store_true", help="keep runs whose history is complete")
     a = ap.parse_args()
+    if a.quick:
+        a.datasets, a.partitions, a.seeds, a.rounds = "mnist5k", "dir0.5", "0", 12
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     art = artifacts(out, a.width)
-    devices, per_round, rounds = (20, 5, 12) if a.quick else (100, 20, 60)
-    rounds = a.rounds or rounds
-    datasets = (a.datasets or ("mnist5k" if a.quick else "mnist5k,animal-mnist")).split(",")
-    partitions = (a.partitions or ("iid" if a.quick else "dirichlet,iid")).split(",")
+    cells = [(d, p, int(s)) for d in a.datasets.split(",") for p in a.partitions.split(",") for s in a.seeds.split(",")]
     results: list[dict] = []
-    for dataset in datasets:
-        for partition in partitions:
-            folder = out / f"accuracy-{dataset}-{partition}"
-            shutil.rmtree(folder, ignore_errors=True)
-            runs = []
-            for plan in a.plans.split(","):
-                cfg = SimConfig(plan=plan, artifacts=str(art), out=str(folder / plan), dataset=dataset,
-                                partition=partition, alpha=0.5, devices=devices, per_round=per_round, rounds=rounds,
-                                lr=0.05, seed=0, workers=os.cpu_count() or 2, target=a.target, pace=PACE)
-                print(f"{dataset} {partition} {plan}", flush=True)
-                runs.append(run_simulation(cfg, quiet=True))
-            write_report(runs, folder, a.target)
-            for r in runs:
-                s = summarize(load_history(r), a.target)
-                results.append({"dataset": dataset, "partition": partition, **{k: v for k, v in s.items() if k != "stages"}})
-            print(compare_table([load_history(r) for r in runs], a.target), flush=True)
-            write_results(out, results, devices, per_round, rounds, a.width, a.target)  # after each grid cell
+    for dataset, part, seed in cells:
+        for plan in a.plans.split(","):
+            print(f"{dataset} {part} seed {seed} {plan}", flush=True)
+            results.append(run_cell(a, art, dataset, part, seed, plan, plan, {}))
+            write_results(out, a, results)
+        if a.selector:
+            results.append(run_cell(a, art, dataset, part, seed, "smartfreeze", "smartfreeze-uniform",
+                                    {"selector": "uniform"}))
+            write_results(out, a, results)
+    if a.neulite_sweep:
+        dataset, part, seed = cells[0]
+        for l1, l2 in sorted({(v, 0.1) for v in L_VALUES} | {(0.1, v) for v in L_VALUES}):
+            print(f"neulite l1={l1} l2={l2}", flush=True)
+            results.append(run_cell(a, artifacts(out, a.width, l1, l2), dataset, part, seed, "neulite",
+                                    f"neulite-l1={l1}-l2={l2}", {}))
+            write_results(out, a, results)
 
 
-def write_results(out: Path, results: list[dict], devices: int, per_round: int, rounds: int, width: int,
-                  target: float) -> None:
-    write_atomic(out / "accuracy.json", json.dumps({"devices": devices, "per_round": per_round, "rounds": rounds,
-                                                     "width": width, "pace": PACE, "results": results},
-                                                    indent=1, default=float).encode())
-    lines = [f"{devices} devices, {per_round} per round, {rounds} rounds, ResNet-18 width {width}, target {target}",
-             "", "| dataset | partition | plan | final acc | best acc | rounds to target | device-s to target "
-             "| took part | max peak/budget | over-budget rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
+def _spread(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.mean(vals):.3f} ({min(vals):.3f}..{max(vals):.3f})"
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """Mean and spread over seeds per (dataset, partition, plan), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
     for r in results:
-        f = lambda v, p=3: "—" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
-        lines.append(f"| {r['dataset']} | {r['partition']} | {r['plan']} | {f(r['final_accuracy'])} | "
-                     f"{f(r['best_accuracy'])} | {f(r['rounds_to_target'])} | {f(r['device_seconds_to_target'], 1)} | "
-                     f"{r['participation_share']:.0%} | {f(r['max_peak_ratio'], 2)} | {r['over_budget_device_rounds']} |")
+        groups.setdefault((r["dataset"], r["partition"], r["plan"]), []).append(r)
+    rows = []
+    for (dataset, part, plan), rs in groups.items():
+        hit = [r["rounds_to_target"] for r in rs if r["rounds_to_target"] is not None]
+        rows.append({"dataset": dataset, "partition": part, "plan": plan, "seeds": len(rs),
+                     "final": _spread([r["final_accuracy"] for r in rs]),
+                     "best": _spread([r["best_accuracy"] for r in rs]),
+                     "final_mean": statistics.mean(r["final_accuracy"] for r in rs),
+                     "rounds_to_target": f"{statistics.mean(hit):.0f} ({len(hit)}/{len(rs)})" if hit else f"— (0/{len(rs)})",
+                     "device_s_to_target": _spread([r["device_seconds_to_target"] for r in rs]).split(" ")[0],
+                     "took_part": f"{statistics.mean(r['participation_share'] for r in rs):.0%}",
+                     "max_peak_ratio": max((r["max_peak_ratio"] or 0.0) for r in rs),
+                     "over_budget": sum(r["over_budget_device_rounds"] for r in rs)})
+    return rows
+
+
+def write_results(out: Path, a, results: list[dict]) -> None:
+    rows = aggregate(results)
+    settings = {k: getattr(a, k) for k in ("devices", "per_round", "rounds", "epochs", "lr", "width", "target")}
+    write_atomic(out / "accuracy.json", json.dumps({"settings": {**settings, "pace": PACE}, "runs": results,
+                                                     "summary": rows}, indent=1, default=float).encode())
+    lines = [f"{a.devices} devices ({a.per_round} a round), {a.rounds} rounds, {a.epochs} local epochs, lr {a.lr}, "
+             f"ResNet-18 width {a.width}, target {a.target}; mean (min..max) over seeds", "",
+             "| dataset | partition | plan | seeds | final acc | best acc | rounds to target (runs that hit) "
+             "| device-s to target | took part | max peak/budget | over-budget device-rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['partition']} | {r['plan']} | {r['seeds']} | {r['final']} | {r['best']} | "
+                     f"{r['rounds_to_target']} | {r['device_s_to_target']} | {r['took_part']} | "
+                     f"{r['max_peak_ratio']:.2f} | {r['over_budget']} |")
     write_atomic(out / "accuracy.md", ("\n".join(lines) + "\n").encode())
-    print("\n".join(lines), flush=True)
+
 
 if __name__ == "__main__":
     main()

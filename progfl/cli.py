@@ -62,10 +62,14 @@ def main() -> None:
 @click.option("--measure/--no-measure", default=True, show_default=True, help="Measure peaks in a torch-free subprocess.")
 @click.option("--measure-batches", default=None, help="Micro-batch sizes to measure (default: batch/4 and batch).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial weights.")
+@click.option("--output-module", type=click.Choice(["auto", "conv", "light", "linear"]), default="auto",
+              show_default=True, help="Basic layers of the output modules. auto: the default kind, or a cheaper one when "
+                                      "a stage would train more parameters or peak higher than full-model training.")
 @click.option("--explain", is_flag=True, help="Print the memory and device-sizing table.")
 @user_errors
 def export(model_name, out, num_classes, input_shape, norm, width, stages, opset, batch_size, optimizer, momentum,
-           weight_decay, devices, margin, neulite_l1, neulite_l2, measure, measure_batches, seed, explain) -> None:
+           weight_decay, devices, margin, neulite_l1, neulite_l2, measure, measure_batches, seed, explain,
+           output_module="auto") -> None:
     """Compile every stage of a model into ONNX Runtime training artifacts sized to device memory."""
     from pathlib import Path
 
@@ -81,7 +85,7 @@ def export(model_name, out, num_classes, input_shape, norm, width, stages, opset
         batch_size=batch_size, optimizer=OptimizerConfig(optimizer, momentum, weight_decay), safety_margin=margin,
         neulite=NeuLiteWeights(neulite_l1, neulite_l2),
         measure=measure, measure_batches=_ints(measure_batches, "--measure-batches") if measure_batches else None,
-        progress=lambda m: click.echo(m, err=True))
+        progress=lambda m: click.echo(m, err=True), output_module=output_module)
     if explain:
         click.echo(explain_table(manifest))
     click.echo(f"wrote {len(manifest.stages)} stages to {out}", err=True)
@@ -104,21 +108,30 @@ def _sim_options(fn):
         click.option("--dataset", default="mnist5k", show_default=True,
                      help="mnist5k, digits, animal-mnist (offline) or cifar10, cifar100, femnist (with --data-path)."),
         click.option("--data-path", default=None, help="Folder of a user-provided dataset."),
-        click.option("--partition", type=click.Choice(["iid", "dirichlet", "shards"]), default="iid", show_default=True),
+        click.option("--partition", type=click.Choice(["iid", "dirichlet", "label-dirichlet", "shards"]), default="iid",
+                     show_default=True, help="dirichlet: each class split by Dir(alpha), sizes vary; label-dirichlet: "
+                     "equal sizes, each device's label mix from Dir(alpha); shards: 2 label shards a device."),
         click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration."),
         click.option("--devices", default=20, show_default=True),
         click.option("--per-round", default=5, show_default=True),
-        click.option("--rounds", default=30, show_default=True),
-        click.option("--epochs", default=1, show_default=True),
-        click.option("--lr", default=0.05, show_default=True),
+        click.option("--rounds", default=30, show_default=True,
+                     help="Round budget: a run trains exactly this many rounds (the plan's last phase takes what is left) "
+                          "unless it diverges."),
+        click.option("--epochs", default=5, show_default=True, help="Local epochs per round (ProFL's authors: 5)."),
+        click.option("--lr", default=0.01, show_default=True,
+                     help="SGD learning rate (ProFL's authors: 0.01; momentum and weight decay are set at export)."),
         click.option("--seed", default=0, show_default=True),
         click.option("--workers", default=2, show_default=True, help="Worker processes running devices."),
         click.option("--full-share", default=0.08, show_default=True, help="Share of devices that hold full training."),
         click.option("--fleet", "fleet_file", type=click.Path(dir_okay=False), default=None,
                      help="JSON list of device budgets in MB (one per device) instead of ProFL's fleet."),
         click.option("--target", type=float, default=None, help="Target accuracy for rounds/time-to-target."),
-        click.option("--pace", "pace", multiple=True, help="Pace setting KEY=VALUE (window, max_rounds, ...)."),
-        click.option("--option", "options", multiple=True, help="Plan option KEY=VALUE (shrink_rounds, order, ...)."),
+        click.option("--pace", "pace", multiple=True,
+                     help="Pace setting KEY=VALUE (window, slope_window, slope_threshold, em_threshold, min_rounds, max_rounds)."),
+        click.option("--option", "options", multiple=True,
+                     help="Plan option KEY=VALUE (profl: shrink_rounds, distill_rounds caps, distill_lr; neulite: order; ...)."),
+        click.option("--max-rejected-rounds", default=3, show_default=True,
+                     help="Stop with an error once this many rounds in a row had every update rejected (NaN/Inf); 0: never."),
     ]):
         fn = opt(fn)
     return fn
@@ -202,31 +215,44 @@ def compare(plans, out, **kw) -> None:
 
 
 DEMO_PACE = ("window=3", "slope_window=3", "min_rounds=3", "max_rounds=6", "slope_threshold=0.05", "em_threshold=0.5")
+# 40 rounds cannot pay for EM-ended shrinking steps (with window 3 EM can end a step from its 5th round on; six
+# such steps would leave growing its 12-round minimum): the demo caps each at 2 rounds, as before the caps existed
+DEMO_OPTIONS = ("shrink_rounds=2", "distill_rounds=2")
+
+
+DEMO_EXPORT = dict(model_name="resnet18", num_classes=10, input_shape="1,28,28", width=8, stages="grow,distill,full",
+                   measure_batches="1,8,32")
 
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @click.option("--rounds", default=40, show_default=True)
-@click.option("--partition", type=click.Choice(["iid", "dirichlet"]), default="dirichlet", show_default=True)
+@click.option("--partition", type=click.Choice(["iid", "label-dirichlet", "dirichlet"]), default="label-dirichlet",
+              show_default=True, help="label-dirichlet: 200 samples a device, label mixes from Dirichlet(0.5).")
 @user_errors
 def demo(out, rounds, partition) -> None:
-    """The main job: ProFL vs ExclusiveFL vs FedAvg on MNIST-5k, a small ResNet-18, 20 devices (~5 min on 2 cores)."""
+    """The main job: ProFL vs ExclusiveFL vs FedAvg on MNIST-5k, a small ResNet-18, 20 devices (~6 min on 2 cores).
+
+    Every plan runs with the papers' settings (SGD lr 0.01, momentum 0.9, weight decay 5e-4, 5 local epochs, batch
+    32), 200 samples a device, 5 devices a round, on the same seed, data and memory fleet."""
     from pathlib import Path
 
     from .manifest import Manifest, ManifestError
+    from .models.base import DEFAULT_OUTPUT_MODULE
 
     art = Path(out) / "artifacts"
     try:
-        Manifest.load(art).verify_files(art)
+        m = Manifest.load(art)
+        m.verify_files(art)
+        if m.model_config.get("output_module") != DEFAULT_OUTPUT_MODULE or m.model_config.get("width") != 8:
+            raise ManifestError("made by an older progfl")
         click.echo(f"reusing {art}", err=True)
     except ManifestError:
         import shutil
 
         shutil.rmtree(art, ignore_errors=True)
         art.parent.mkdir(parents=True, exist_ok=True)
-        click.get_current_context().invoke(export, model_name="resnet18", out=str(art), num_classes=10,
-                                           input_shape="1,28,28", width=8, stages="grow,distill,full",
-                                           measure_batches="1,8,32")
+        click.get_current_context().invoke(export, out=str(art), **DEMO_EXPORT)
     runs = Path(out) / f"compare-{partition}"
     if runs.exists():
         import shutil
@@ -234,7 +260,7 @@ def demo(out, rounds, partition) -> None:
         shutil.rmtree(runs)  # a demo starts over; `progfl compare` never deletes
     click.get_current_context().invoke(compare, plans="profl,exclusive,fedavg", out=str(runs), artifacts=str(art),
                                        dataset="mnist5k", partition=partition, devices=20, per_round=5,
-                                       rounds=rounds, target=0.8, pace=DEMO_PACE)
+                                       rounds=rounds, target=0.8, pace=DEMO_PACE, options=DEMO_OPTIONS)
     click.echo(f"plots: {runs}/accuracy.png {runs}/em.png {runs}/memory.png")
 
 
@@ -246,7 +272,8 @@ def device() -> None:
 @device.command("train")
 @click.option("--artifacts", type=click.Path(file_okay=False), required=True, help="Exported folder (manifest.json).")
 @click.option("--stage", required=True, help="Stage index or name (grow-1, full, ...).")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), required=True, help=".npz with x and y.")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), required=True,
+              help="Shard: .npz with x (float32 N,C,H,W, normalised) and y (int labels); see the README.")
 @click.option("--budget-mb", type=float, default=None, help="Memory budget: sizes micro-batches, refuses what cannot fit.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help=".npz of global arrays (default: initial).")
 @click.option("--lr", default=0.01, show_default=True)
@@ -263,11 +290,11 @@ def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, se
 
     from .device_runtime.backend import RuntimeOptions
     from .device_runtime.device import Device
-    from .device_runtime.shard import open_npz, read_shard
+    from .device_runtime.shard import Shard, open_npz
     from .manifest import TrainTask, write_atomic
 
-    x, y = read_shard(data_path)
-    dev = Device(artifacts, x, y, budget_mb, RuntimeOptions(threads=threads), cache_dir)
+    shard = Shard(data_path, scratch=cache_dir)
+    dev = Device(artifacts, shard, budget_mb, RuntimeOptions(threads=threads), cache_dir)
     s = dev.manifest.stage(stage)
     micro, accum = dev.plan(s.name)
     arrays = open_npz(Path(weights)) if weights else dev.manifest.initial_weights(artifacts)

@@ -22,6 +22,7 @@ from progfl.data import (
     dirichlet,
     femnist,
     iid,
+    label_dirichlet,
     load_dataset,
     read_dataset,
     read_shard,
@@ -336,6 +337,19 @@ def test_dirichlet_partition_and_skew(labels):
     assert skewed < 0.6 * flat
 
 
+def test_label_dirichlet_equal_sizes_and_skew(labels):
+    parts = label_dirichlet(labels, 10, 0.1, np.random.default_rng(1))
+    check_partition(parts, len(labels))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1, "every device gets the same amount of data"
+    assert same_parts(parts, label_dirichlet(labels, 10, 0.1, np.random.default_rng(1)))
+    skewed = np.mean([mean_label_entropy(labels, label_dirichlet(labels, 10, 0.1, np.random.default_rng(s)))
+                      for s in range(3)])
+    flat = np.mean([mean_label_entropy(labels, label_dirichlet(labels, 10, 100.0, np.random.default_rng(s)))
+                    for s in range(3)])
+    assert flat > 0.95 * np.log(10)
+    assert skewed < 0.6 * flat
+
+
 def test_dirichlet_gives_up_with_dataerror(labels):
     with pytest.raises(DataError, match="exceeds"):
         dirichlet(labels, 10, 0.5, np.random.default_rng(0), min_size=301)
@@ -413,7 +427,7 @@ def test_read_shard_rejects_bad_files(tmp_path):
         "empty.npz": (dict(x=x[:0], y=np.zeros(0, np.int64)), "empty data shard"),
         "keys.npz": (dict(images=x, y=np.zeros(2, np.int64)), "missing array"),
         "len.npz": (dict(x=x, y=np.zeros(3, np.int64)), "2 samples but y has 3"),
-        "dtype.npz": (dict(x=x.astype(np.float64), y=np.zeros(2, np.int64)), "x must be float32 4-D"),
+        "dtype.npz": (dict(x=x.astype(np.float64), y=np.zeros(2, np.int64)), "x must be C-order float32"),
         "ydim.npz": (dict(x=x, y=np.zeros((2, 1), np.int64)), "y must be integer 1-D"),
     }
     for name, (arrays, msg) in cases.items():
@@ -424,7 +438,7 @@ def test_read_shard_rejects_bad_files(tmp_path):
     with pytest.raises(ShardError, match="single.npy: not an .npz archive"):
         read_shard(tmp_path / "single.npy")
     (tmp_path / "junk.npz").write_bytes(b"garbage")
-    with pytest.raises(ShardError, match="junk.npz: unreadable"):
+    with pytest.raises(ShardError, match="junk.npz: not an .npz archive"):
         read_shard(tmp_path / "junk.npz")
     with pytest.raises(ShardError, match="missing.npz: file not found"):
         read_shard(tmp_path / "missing.npz")

@@ -68,6 +68,37 @@ def dirichlet(
     )
 
 
+def label_dirichlet(y: np.ndarray, n_devices: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Equal-size devices whose label mixes are drawn from Dir(alpha) (Hsu et al. 2019's scheme).
+
+    Unlike ``dirichlet`` (which splits each class across devices and lets sizes vary), every device gets
+    N/n_devices samples (+-1), so a strong skew (alpha 0.1) still leaves every device real local work. Devices
+    fill in random order from what is left of each class; once a class runs out, the device's remaining draws
+    follow its mix over the classes still available. Covers every sample.
+    """
+    y = np.asarray(y)
+    _check(len(y), n_devices)
+    if alpha <= 0:
+        raise DataError(f"alpha must be > 0, got {alpha}")
+    classes = np.unique(y)
+    pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in classes]
+    sizes = [len(a) for a in np.array_split(np.arange(len(y)), n_devices)]
+    parts: list[np.ndarray] = [np.zeros(0, np.int64)] * n_devices
+    for d in rng.permutation(n_devices):
+        mix, need, take = rng.dirichlet(np.full(len(classes), alpha)), sizes[d], []
+        while need > 0:
+            avail = np.array([len(p) for p in pools])
+            q = mix * (avail > 0)
+            q = q / q.sum() if q.sum() > 0 else (avail > 0) / (avail > 0).sum()
+            counts = np.minimum(rng.multinomial(need, q), avail)
+            for c, k in enumerate(counts):
+                take += pools[c][:k]
+                del pools[c][:k]
+            need -= int(counts.sum())
+        parts[d] = np.sort(np.asarray(take, np.int64))
+    return parts
+
+
 def shards(
     y: np.ndarray, n_devices: int, shards_per_device: int, rng: np.random.Generator
 ) -> list[np.ndarray]:

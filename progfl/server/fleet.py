@@ -2,8 +2,8 @@
 
 ProFL's fleet: 100 devices with budgets drawn uniformly from 100..900 MB against full-model training at
 840 MB, so ~7.6 % of devices hold the full model. Absolute MB depend on the engine and model, so progfl keeps
-the shape, not the numbers: budgets uniform between what the smallest stage needs and a ceiling chosen so that
-`full_share` of the devices hold full-model training (both at micro-batch 1, as the manifest sizes them).
+the shape, not the numbers: budgets uniform (stratified) between what the smallest stage needs and a ceiling chosen
+so that `full_share` of the devices hold full-model training (both at micro-batch 1, as the manifest sizes them).
 """
 
 from __future__ import annotations
@@ -26,4 +26,8 @@ def profl_fleet(manifest: Manifest, n: int, rng: np.random.Generator, full_share
     if full <= low:
         raise ManifestError("the full model needs no more memory than the smallest stage: nothing to be progressive about")
     high = (full - full_share * low) / (1.0 - full_share)  # P(budget >= full) = (high - full) / (high - low)
-    return [round(float(b), 1) for b in rng.uniform(low, high, n)]
+    # Stratified: one uniform draw in each of n equal slices of [0, 1), shuffled. Still uniform per device, but
+    # the share that holds full-model training is full_share give or take one device: with 20 independent draws
+    # at 8 %, one fleet in five would have no such device at all and ExclusiveFL nothing to train on.
+    u = (np.arange(n) + rng.uniform(0.0, 1.0, n)) / n
+    return [round(float(low + (high - low) * v), 1) for v in rng.permutation(u)]
