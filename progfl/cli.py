@@ -69,7 +69,7 @@ def main() -> None:
 @user_errors
 def export(model_name, out, num_classes, input_shape, norm, width, stages, opset, batch_size, optimizer, momentum,
            weight_decay, devices, margin, neulite_l1, neulite_l2, measure, measure_batches, seed, explain,
-           output_module="auto") -> None:
+           output_module) -> None:
     """Compile every stage of a model into ONNX Runtime training artifacts sized to device memory."""
     from pathlib import Path
 
@@ -202,16 +202,28 @@ def simulate(plan, out, resume, engine, **kw) -> None:
 @_sim_options
 @user_errors
 def compare(plans, out, **kw) -> None:
-    """Several plans on the same seed, data and fleet; one table."""
+    """Several plans on the same seed, data and fleet; one table. A plan that diverges stops alone: the others
+    still run, the table shows its rounds, and the command exits 2 naming it."""
     from pathlib import Path
 
+    from .server.divergence import Diverged
     from .server.report import compare_table, load_history, write_report
     from .server.simulation import run_simulation
 
-    runs = [run_simulation(_sim_config(p.strip(), str(Path(out) / p.strip()), kw)) for p in plans.split(",") if p.strip()]
+    names = [p.strip() for p in plans.split(",") if p.strip()]
+    configs = [_sim_config(p, str(Path(out) / p), kw) for p in names]  # every setting checked before any run
+    runs, diverged = [], []
+    for name, cfg in zip(names, configs):
+        try:
+            runs.append(run_simulation(cfg))
+        except Diverged as e:
+            diverged.append(f"{name}: {e}")
+            runs.append(Path(cfg.out))
     report = write_report(runs, Path(out), kw.get("target"))
     click.echo(compare_table([load_history(r) for r in runs], kw.get("target")))
     click.echo(f"report: {report}")
+    if diverged:
+        raise Diverged(" | ".join(diverged))
 
 
 DEMO_PACE = ("window=3", "slope_window=3", "min_rounds=3", "max_rounds=6", "slope_threshold=0.05", "em_threshold=0.5")
@@ -277,7 +289,7 @@ def device() -> None:
 @click.option("--budget-mb", type=float, default=None, help="Memory budget: sizes micro-batches, refuses what cannot fit.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help=".npz of global arrays (default: initial).")
 @click.option("--lr", default=0.01, show_default=True)
-@click.option("--epochs", default=1, show_default=True)
+@click.option("--epochs", default=5, show_default=True, help="Local epochs (the papers' 5, as the server's default).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: one per core).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Frozen-prefix feature cache folder.")

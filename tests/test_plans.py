@@ -139,3 +139,17 @@ def test_budget_too_small_for_every_phase_still_spends_exactly_the_budget():
     plan, state, records = drive("profl", 3, PACE, updates=drift)
     assert [r["round"] for r in records] == [1, 2, 3] and all(r["froze"] for r in records)
     assert all(r["freeze_reason"].startswith("budget") for r in records)
+
+
+@pytest.mark.parametrize("output_module,expected", [("conv", None), ("light", None), ("linear", 1e-3), (None, 1e-3)])
+def test_profl_distills_at_the_plan_lr_unless_basic_layers_are_linear(output_module, expected):
+    """Normalised basic layers distil stably at the training lr (measured); ProFL's linear ones (and exports made
+    before kinds existed, which were linear) keep 1e-3. An explicit distill_lr always wins."""
+    m = manifest()
+    if output_module:
+        m.model_config["output_module"] = output_module
+    plan = make_plan("profl", m, PlanConfig(rounds=30))
+    assert {p.lr for p in plan.phases if p.stage.startswith("distill")} == {expected}
+    assert {p.lr for p in plan.phases if p.stage.startswith("grow")} == {None}
+    plan = make_plan("profl", m, PlanConfig(rounds=30, options={"distill_lr": 0.02}))
+    assert {p.lr for p in plan.phases if p.stage.startswith("distill")} == {0.02}

@@ -131,3 +131,25 @@ def test_divergence_stops_the_run_with_exit_code_2(artifacts, tmp_path):
         assert r["participants"] and len(r["dropped"]) == len(r["participants"]) and r["kept_previous"]
         assert all("NaN or Inf" in why for _, why in r["dropped"])
     assert load_state(out).round == 3
+
+
+def test_compare_runs_every_plan_when_one_diverges(artifacts, tmp_path):
+    """fedavg at lr 1e30 diverges; compare still runs exclusive after it, tables both, and exits 2 naming fedavg."""
+    from click.testing import CliRunner
+
+    from progfl.cli import main
+
+    fleet = tmp_path / "fleet.json"
+    fleet.write_text(json.dumps(FLEET))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, [
+        "compare", "--plans", "fedavg,exclusive", "--artifacts", str(artifacts), "--out", str(out), "--dataset",
+        "digits", "--fleet", str(fleet), "--per-round", "2", "--rounds", "4", "--epochs", "1", "--lr", "1e30",
+        "--seed", "1", "--workers", "2", "--max-rejected-rounds", "2"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: fedavg: training diverged"), result.output
+    assert "exclusive: training diverged" in errors[0], "exclusive ran after fedavg diverged (and diverged too)"
+    for plan in ("fedavg", "exclusive"):
+        assert [r["round"] for r in json.loads((out / plan / "history.json").read_text())["rounds"]] == [1, 2]
+    assert "| fedavg |" in result.output and "| exclusive |" in result.output and (out / "report.md").exists()
