@@ -8,8 +8,9 @@ of devices that took part, the highest peak/budget of any device-round. Per (dat
 spread (min..max) over the seeds. Extras: SmartFreeze's selector against uniform sampling among eligible devices
 (`--selector`), and NeuLite's l1/l2 (`--neulite-sweep`: three values each, one export per value).
 
-Results (benchmarks/out/accuracy.{json,md}) are rewritten after every run, so a stopped grid keeps what it did;
-`--resume` skips runs whose history is complete.
+Results (benchmarks/out/accuracy.{json,md}) are rewritten after every run from every finished run in the output
+folder, so a stopped grid keeps what it did and several invocations (other cells, more seeds) add up; `--resume`
+keeps runs whose history is complete instead of running them again.
 
     python benchmarks/accuracy.py --datasets mnist5k --partitions dir0.5,iid --seeds 0,1,2 --rounds 100
     python benchmarks/accuracy.py --quick     # 12 rounds, one cell: a smoke run
@@ -65,7 +66,8 @@ def partition(name: str) -> dict:
     raise SystemExit(f"unknown partition {name!r}: iid or dirALPHA (e.g. dir0.5)")
 
 
-def run_cell(a, art: Path, dataset: str, part: str, seed: int, plan: str, tag: str, options: dict) -> dict:
+def run_cell(a, art: Path, dataset: str, part: str, seed: int, plan: str, tag: str, options: dict) -> None:
+    """One run; with --resume a run whose history is complete is kept. Its cell.json says what it is."""
     folder = Path(a.out) / "accuracy-runs" / f"{dataset}-{part}-s{seed}-{tag}"
     done = folder / "history.json"
     if not (a.resume and done.exists() and len(load_history(folder)["rounds"]) >= a.rounds):
@@ -74,9 +76,18 @@ def run_cell(a, art: Path, dataset: str, part: str, seed: int, plan: str, tag: s
                         per_round=a.per_round, rounds=a.rounds, epochs=a.epochs, lr=a.lr, seed=seed,
                         workers=os.cpu_count() or 2, target=a.target, pace=PACE, options=options, **partition(part))
         run_simulation(cfg, quiet=True)
-    s = summarize(load_history(folder), a.target)
-    return {"dataset": dataset, "partition": part, "seed": seed, "plan": tag,
-            **{k: v for k, v in s.items() if k != "stages"}}
+    cell = {"dataset": dataset, "partition": part, "seed": seed, "plan": tag}
+    write_atomic(folder / "cell.json", json.dumps(cell).encode())
+
+
+def collect(out: Path, target: float) -> list[dict]:
+    """Every finished run under out/accuracy-runs (this invocation's and earlier ones'), summarised."""
+    results = []
+    for cell in sorted((out / "accuracy-runs").glob("*/cell.json")):
+        meta = json.loads(cell.read_text())
+        s = summarize(load_history(cell.parent), target)
+        results.append({**meta, **{k: v for k, v in s.items() if k != "stages"}})
+    return results
 
 
 def main() -> None:
@@ -104,23 +115,20 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     art = artifacts(out, a.width)
     cells = [(d, p, int(s)) for d in a.datasets.split(",") for p in a.partitions.split(",") for s in a.seeds.split(",")]
-    results: list[dict] = []
     for dataset, part, seed in cells:
         for plan in a.plans.split(","):
             print(f"{dataset} {part} seed {seed} {plan}", flush=True)
-            results.append(run_cell(a, art, dataset, part, seed, plan, plan, {}))
-            write_results(out, a, results)
+            run_cell(a, art, dataset, part, seed, plan, plan, {})
+            write_results(out, a, collect(out, a.target))
         if a.selector:
-            results.append(run_cell(a, art, dataset, part, seed, "smartfreeze", "smartfreeze-uniform",
-                                    {"selector": "uniform"}))
-            write_results(out, a, results)
+            run_cell(a, art, dataset, part, seed, "smartfreeze", "smartfreeze-uniform", {"selector": "uniform"})
+            write_results(out, a, collect(out, a.target))
     if a.neulite_sweep:
         dataset, part, seed = cells[0]
         for l1, l2 in sorted({(v, 0.1) for v in L_VALUES} | {(0.1, v) for v in L_VALUES}):
             print(f"neulite l1={l1} l2={l2}", flush=True)
-            results.append(run_cell(a, artifacts(out, a.width, l1, l2), dataset, part, seed, "neulite",
-                                    f"neulite-l1={l1}-l2={l2}", {}))
-            write_results(out, a, results)
+            run_cell(a, artifacts(out, a.width, l1, l2), dataset, part, seed, "neulite", f"neulite-l1={l1}-l2={l2}", {})
+            write_results(out, a, collect(out, a.target))
 
 
 def _spread(values: list) -> str:
