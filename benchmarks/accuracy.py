@@ -86,7 +86,7 @@ def collect(out: Path, target: float) -> list[dict]:
     for cell in sorted((out / "accuracy-runs").glob("*/cell.json")):
         meta = json.loads(cell.read_text())
         s = summarize(load_history(cell.parent), target)
-        results.append({**meta, **{k: v for k, v in s.items() if k != "stages"}})
+        results.append({**{k: v for k, v in s.items() if k != "stages"}, **meta})  # meta's plan: the variant's tag
     return results
 
 
