@@ -227,9 +227,6 @@ def compare(plans, out, **kw) -> None:
 
 
 DEMO_PACE = ("window=3", "slope_window=3", "min_rounds=3", "max_rounds=6", "slope_threshold=0.05", "em_threshold=0.5")
-# 40 rounds cannot pay for EM-ended shrinking steps (with window 3 EM can end a step from its 5th round on; six
-# such steps would leave growing its 12-round minimum): the demo caps each at 2 rounds, as before the caps existed
-DEMO_OPTIONS = ("shrink_rounds=2", "distill_rounds=2")
 
 
 DEMO_EXPORT = dict(model_name="resnet18", num_classes=10, input_shape="1,28,28", width=8, stages="grow,distill,full",
@@ -272,7 +269,7 @@ def demo(out, rounds, partition) -> None:
         shutil.rmtree(runs)  # a demo starts over; `progfl compare` never deletes
     click.get_current_context().invoke(compare, plans="profl,exclusive,fedavg", out=str(runs), artifacts=str(art),
                                        dataset="mnist5k", partition=partition, devices=20, per_round=5,
-                                       rounds=rounds, target=0.8, pace=DEMO_PACE, options=DEMO_OPTIONS)
+                                       rounds=rounds, target=0.8, pace=DEMO_PACE)
     click.echo(f"plots: {runs}/accuracy.png {runs}/em.png {runs}/memory.png")
 
 

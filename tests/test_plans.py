@@ -105,10 +105,20 @@ def test_profl_shrinking_steps_stop_at_their_cap_when_em_stays_high():
 def test_profl_options_are_checked_and_min_rounds_clipped_to_the_cap():
     plan, _, _ = drive("profl", 1, PaceConfig(min_rounds=3, max_rounds=30), {"shrink_rounds": 2})
     assert plan.phases[0].limits(plan.config.pace) == (2, 2)  # min 3 clipped to the cap
-    assert plan.phases[1].limits(plan.config.pace) == (3, 10)  # distill_rounds: the default cap
     assert plan.phases[-1].limits(plan.config.pace) == (3, 30)  # growing: the pace's
     with pytest.raises(ValueError, match="shrink_rounds"):
         drive("profl", 1, PACE, {"shrink_rounds": 0})
+    with pytest.raises(ValueError, match="shrink_share"):
+        drive("profl", 1, PACE, {"shrink_share": 1.5})
+
+
+@pytest.mark.parametrize("rounds,cap", [(100, 7), (40, 3), (8, 1), (1000, 30)])
+def test_profl_shrinking_caps_default_to_a_share_of_the_budget(rounds, cap):
+    """T=3: four shrinking steps share 30 % of the budget, at least 1 round and at most the pace's max_rounds."""
+    plan = make_plan("profl", manifest(), PlanConfig(rounds=rounds, pace=PaceConfig(min_rounds=3, max_rounds=30)))
+    shrink = [p for p in plan.phases[:2 * (T - 1)]]
+    assert {p.limits(plan.config.pace)[1] for p in shrink} == {cap}
+    assert sum(p.limits(plan.config.pace)[1] for p in shrink) <= max(0.3 * rounds, len(shrink))
 
 
 @pytest.mark.parametrize("plan_name", ["profl", "smartfreeze", "exclusive", "fedavg"])
@@ -138,7 +148,7 @@ def test_budget_reserve_freezes_early_so_every_later_phase_gets_its_min_rounds()
 def test_budget_too_small_for_every_phase_still_spends_exactly_the_budget():
     plan, state, records = drive("profl", 3, PACE, updates=drift)
     assert [r["round"] for r in records] == [1, 2, 3] and all(r["froze"] for r in records)
-    assert all(r["freeze_reason"].startswith("budget") for r in records)
+    assert all(r["freeze_reason"].startswith(("budget", "max_rounds: 1 rounds")) for r in records)  # caps of 1
 
 
 @pytest.mark.parametrize("output_module,expected", [("conv", None), ("light", None), ("linear", 1e-3), (None, 1e-3)])

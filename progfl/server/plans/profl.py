@@ -7,11 +7,15 @@ back: train block t + output module. As the paper's Figure 1 says, the block-fre
 "during both stages": every step, shrinking ones included, ends when effective movement says it has converged.
 
 Options:
-- shrink_rounds: cap on the rounds of each shrinking grow-t step (default 10, or the pace's max_rounds if
-  smaller). Its least rounds are the pace's min_rounds, clipped to the cap.
-- distill_rounds: the same cap for each distill-t step (default 10, or the pace's max_rounds if smaller).
-  Shrinking only prepares output modules and starting weights, so its steps get a third of a growing block's
-  default cap (30); with the default pace (W=5, N=5) EM can end a step from its 9th round on.
+- shrink_rounds: cap on the rounds of each shrinking grow-t step. Default: the step's even share of
+  shrink_share (0.3) of the round budget, floor(0.3 x rounds / (2 (T-1))), at least 1 and at most the pace's
+  max_rounds: 5 for 100 rounds of a 4-block model, 2 for 40. Its least rounds are the pace's min_rounds,
+  clipped to the cap. Why a share of the budget: shrinking only prepares output modules and starting weights,
+  and with a fixed cap of 10 a step its six steps took 60 of 100 rounds whenever EM did not settle (MNIST-5k,
+  label-Dirichlet 0.1: every step ran to its cap). Growing was then left 40 rounds for four blocks, the budget
+  rule gave the last three 5 rounds each, and the run ended at 0.666.
+- distill_rounds: the same cap for each distill-t step (same default).
+- shrink_share: the share of the round budget the default caps give shrinking (default 0.3).
 - distill_lr: the distillation steps' learning rate. Default: the plan's lr, except with ProFL's own linear
   basic layers (`--output-module linear`, and exports made before output modules had kinds), where it is 1e-3.
   The MSE fit through a linear stack of basic layers is unstable at the training lr; with normalised basic
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 from .base import Phase, Plan
 
-SHRINK_CAP = 10  # default cap on the rounds of one shrinking step (grow-t or distill-t)
+SHRINK_SHARE = 0.3  # default share of the round budget the shrinking steps' caps add up to
 LINEAR_DISTILL_LR = 1e-3  # distillation lr through ProFL's linear basic layers (see distill_lr above)
 
 
@@ -46,7 +50,11 @@ class ProFL(Plan):
 
     def build_phases(self) -> list[Phase]:
         o, T = self.config.options, max(s.block for s in self.manifest.stages if s.kind == "grow") + 1
-        default = min(SHRINK_CAP, self.config.pace.max_rounds)
+        share = o.get("shrink_share", SHRINK_SHARE)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+            raise ValueError(f"profl: option shrink_share must be a number in (0, 1), got {share!r}")
+        even = int(share * self.config.rounds // (2 * (T - 1))) if T > 1 else 1
+        default = min(max(1, even), self.config.pace.max_rounds)
         shrink_cap, distill_cap = _cap(o, "shrink_rounds", default), _cap(o, "distill_rounds", default)
         linear = self.manifest.model_config.get("output_module", "linear") == "linear"
         distill_lr = LINEAR_DISTILL_LR if linear else None  # None: the plan's lr
