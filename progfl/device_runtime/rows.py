@@ -20,13 +20,17 @@ from ..manifest import write_atomic
 
 
 class RowReader:
-    """`n` rows of `shape` and `dtype` stored C-contiguously in an open binary file from byte `offset` on."""
+    """`n` rows of `shape` and `dtype` stored C-contiguously in an open binary file from byte `offset` on.
+    ValueError if the file is too short to hold them."""
 
     def __init__(self, fh: BinaryIO, offset: int, n: int, shape: tuple[int, ...], dtype: np.dtype):
         self.fh, self.offset, self.n = fh, offset, n
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.row_bytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self._buffer = np.empty((0, *self.shape), self.dtype)
+        have, need = fh.seek(0, 2) - offset, n * self.row_bytes
+        if have < need:
+            raise ValueError(f"truncated: {have} of {need} bytes")
 
     def buffer(self, rows: int) -> np.ndarray:
         """A buffer of at least `rows` rows, reused between calls (grown, never shrunk)."""
@@ -34,11 +38,11 @@ class RowReader:
             self._buffer = np.empty((rows, *self.shape), self.dtype)
         return self._buffer[:rows]
 
-    def read(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows `idx` in that order, into `out` (default: the reused buffer). Runs of consecutive indices are
-        read with one call each."""
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` in that order, in the reused buffer (valid until the next read). Runs of consecutive indices
+        are read with one call each."""
         idx = np.asarray(idx, np.int64)
-        rows = self.buffer(len(idx)) if out is None else out[: len(idx)]
+        rows = self.buffer(len(idx))
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"row index out of range [0, {self.n})")
         view = rows.reshape(len(idx), -1).view(np.uint8)
@@ -105,10 +109,7 @@ def open_rows(path: str | Path) -> RowReader:
         shape, fortran, dtype = read_npy_header(fh)
         if fortran or not shape:
             raise ValueError(f"{path}: not a C-order array of rows")
-        rows = RowReader(fh, fh.tell(), shape[0], shape[1:], dtype)
-        if fh.seek(0, 2) < rows.offset + rows.n * rows.row_bytes:
-            raise ValueError(f"{path}: truncated")
-        return rows
+        return RowReader(fh, fh.tell(), shape[0], shape[1:], dtype)
     except BaseException:
         fh.close()
         raise

@@ -115,11 +115,10 @@ class Shard:
         if dtype != np.float32 or len(shape) != 4 or fortran:
             raise ShardError(f"{self.path}: x must be C-order float32 (N, C, H, W), got {dtype} {list(shape)}"
                              + (" in Fortran order" if fortran else ""))
-        rows = RowReader(fh, offset, shape[0], shape[1:], dtype)
-        fh.seek(0, 2)
-        if fh.tell() < offset + rows.n * rows.row_bytes:
-            raise ShardError(f"{where}: truncated ({fh.tell() - offset} of {rows.n * rows.row_bytes} bytes)")
-        return rows
+        try:
+            return RowReader(fh, offset, shape[0], shape[1:], dtype)
+        except ValueError as e:
+            raise ShardError(f"{where}: {e}") from None
 
     def __len__(self) -> int:
         return len(self.y)

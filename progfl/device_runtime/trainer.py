@@ -35,7 +35,7 @@ class LocalData:
 
     def __init__(self, backend: StageBackend, stage: Stage, shard: Shard, chunk: int,
                  cache: FeatureCache | None = None, scratch: str | None = None):
-        self.stage, self.shard = stage, shard
+        self.shard = shard
         persistent = cache is not None and shard.digest is not None  # an unvalidated shard has no key
         self._tmp = None if persistent else tempfile.TemporaryDirectory(prefix="progfl-features-", dir=scratch)
         cache = cache if persistent else FeatureCache(self._tmp.name)
@@ -59,12 +59,12 @@ class LocalData:
         except BaseException:
             self.close()
             raise
-        self.names = [t.name for t in stage.inputs]
+        self.raw_inputs = any(t.name == "inputs" for t in stage.inputs)  # NeuLite's input term needs x too
 
     def inputs(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """The graph's inputs for samples idx (views of reused buffers, valid until the next call)."""
         out: dict[str, np.ndarray] = {"labels": self.shard.y[idx]}
-        if self.features is None or "inputs" in self.names:
+        if self.features is None or self.raw_inputs:
             out["inputs"] = self.shard.read(idx)
         out["features"] = self.features.read(idx) if self.features is not None else out["inputs"]
         if self.teacher is not None:
