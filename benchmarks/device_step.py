@@ -108,7 +108,7 @@ class Pair:
         t1 = time.perf_counter()
         backend.accumulate({"features": feats, "inputs": x, "labels": y})
         t2 = time.perf_counter()
-        backend.step(0.01, 1)
+        backend.step(0.01)
         t3 = time.perf_counter()
         return {"prefix": t1 - t0, "fwd_bwd": t2 - t1, "opt": t3 - t2, "total": t3 - t0}
 

@@ -89,7 +89,7 @@ def train_accuracy(key: str, kind: str | None, stage: str, seed: int, steps: int
             order = np.concatenate([order, rng.permutation(len(train))])
         idx, order = order[:32], order[32:]
         eager.accumulate({"features": train.x[idx], "labels": train.y[idx]})
-        eager.step(0.01, 1)
+        eager.step(0.01)
     correct = sum(int((eager.predict(test.x[i:i + 250]).argmax(1) == test.y[i:i + 250]).sum())
                   for i in range(0, len(test), 250))
     return correct / len(test)

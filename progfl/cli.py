@@ -65,27 +65,32 @@ def main() -> None:
 @click.option("--output-module", type=click.Choice(["auto", "conv", "light", "linear"]), default="auto",
               show_default=True, help="Basic layers of the output modules. auto: the default kind, or a cheaper one when "
                                       "a stage would train more parameters or peak higher than full-model training.")
+@click.option("--backends", default="ort,torch", show_default=True,
+              help="Device backends to write files for: ort (always) and torch (TorchScript, for ARM boards).")
 @click.option("--explain", is_flag=True, help="Print the memory and device-sizing table.")
 @user_errors
 def export(model_name, out, num_classes, input_shape, norm, width, stages, opset, batch_size, optimizer, momentum,
            weight_decay, devices, margin, neulite_l1, neulite_l2, measure, measure_batches, seed, explain,
-           output_module) -> None:
-    """Compile every stage of a model into ONNX Runtime training artifacts sized to device memory."""
+           output_module, backends) -> None:
+    """Compile every stage of a model into on-device training files (ONNX Runtime; TorchScript for torch boards),
+    sized to device memory."""
     from pathlib import Path
 
-    from .exporter import OptimizerConfig, check_output_folder, explain as explain_table, export_model
+    from .exporter import OptimizerConfig, check_backends, check_output_folder, explain as explain_table, export_model
     from .exporter.sizing import load_device_classes
     from .models import NeuLiteWeights, load_model
 
     check_output_folder(Path(out))  # before the model is built: fail fast on the cheapest mistake
     classes = load_device_classes(devices)
+    check_backends(tuple(b.strip() for b in backends.split(",") if b.strip()), classes)
     model = load_model(model_name, num_classes, tuple(_ints(input_shape, "--input-shape")), norm, width, seed)
     manifest = export_model(
         model, out, classes, kinds=tuple(k.strip() for k in stages.split(",") if k.strip()), opset=opset,
         batch_size=batch_size, optimizer=OptimizerConfig(optimizer, momentum, weight_decay), safety_margin=margin,
         neulite=NeuLiteWeights(neulite_l1, neulite_l2),
         measure=measure, measure_batches=_ints(measure_batches, "--measure-batches") if measure_batches else None,
-        progress=lambda m: click.echo(m, err=True), output_module=output_module)
+        progress=lambda m: click.echo(m, err=True), output_module=output_module,
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()))
     if explain:
         click.echo(explain_table(manifest))
     click.echo(f"wrote {len(manifest.stages)} stages to {out}", err=True)
@@ -274,7 +279,12 @@ def demo(out, rounds, partition) -> None:
 
 @main.group()
 def device() -> None:
-    """On the device (torch-free): train a stage on local data, profile peak memory."""
+    """On the device: train a stage on local data, profile peak memory (ONNX Runtime without torch, or torch)."""
+
+
+def _backend_option(fn):
+    return click.option("--backend", type=click.Choice(["auto", "ort", "torch"]), default="auto", show_default=True,
+                        help="auto: ONNX Runtime training where installed, else torch (ARM boards).")(fn)
 
 
 @device.command("train")
@@ -290,8 +300,10 @@ def device() -> None:
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads (0: one per core).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Frozen-prefix feature cache folder.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the updated arrays to this .npz.")
+@_backend_option
 @user_errors
-def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, seed, threads, cache_dir, out) -> None:
+def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, seed, threads, cache_dir, out,
+                 backend) -> None:
     """Train one stage locally and print the update's metrics as JSON."""
     import json
     from pathlib import Path
@@ -302,7 +314,7 @@ def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, se
     from .manifest import TrainTask, write_atomic
 
     shard = Shard(data_path, scratch=cache_dir)
-    dev = Device(artifacts, shard, budget_mb, RuntimeOptions(threads=threads), cache_dir)
+    dev = Device(artifacts, shard, budget_mb, RuntimeOptions(threads=threads), cache_dir, backend)
     s = dev.manifest.stage(stage)
     micro, accum = dev.plan(s.name)
     arrays = open_npz(Path(weights)) if weights else dev.manifest.initial_weights(artifacts)
@@ -319,7 +331,7 @@ def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, se
         buf = io.BytesIO()
         np.savez(buf, **update.weights)
         write_atomic(out, buf.getvalue())
-    click.echo(json.dumps({"stage": s.name, "micro_batch": micro, "accum_steps": accum,
+    click.echo(json.dumps({"stage": s.name, "backend": dev.backend_name, "micro_batch": micro, "accum_steps": accum,
                            "num_samples": update.num_samples, **update.metrics}))
     if update.metrics.get("over_budget"):
         click.echo(f"warning: peak {update.metrics['peak_mb']:g} MB went over the {budget_mb:g} MB budget", err=True)
@@ -327,33 +339,62 @@ def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, se
 
 @device.command("profile")
 @click.option("--artifacts", type=click.Path(file_okay=False), required=True)
-@click.option("--batches", default="1,8,32", show_default=True, help="Micro-batch sizes to measure.")
+@click.option("--batches", default="1,8,32", show_default=True, help="Micro-batch sizes to measure (two or more).")
 @click.option("--steps", default=3, show_default=True, help="Timed training steps per measurement.")
 @click.option("--threads", default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON report path.")
+@click.option("--stages", "only", default=None, help="Comma-separated stage names (default: every stage).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Profile JSON: feed it to `progfl apply-profile` on the server to size this board's class by it.")
+@_backend_option
 @user_errors
-def device_profile(artifacts, batches, steps, threads, out) -> None:
+def device_profile(artifacts, batches, steps, threads, only, out, backend) -> None:
     """Measure every stage's peak memory and step time on this machine (run it on the Pi or Jetson)."""
+    import importlib.metadata
     import json
     import os
     import platform
 
-    from .device_runtime.probe import run_probe
+    from .device_runtime.backend import resolve_backend
+    from .device_runtime.probe import make_profile, run_probe
     from .manifest import Manifest, write_atomic
 
     manifest = Manifest.load(artifacts)
-    manifest.verify_files(artifacts)
+    backend = resolve_backend(backend, manifest)
+    manifest.verify_files(artifacts, backend=backend)
+    sizes = _ints(batches, "--batches")
+    if not sizes or min(sizes) < 1 or steps < 1:
+        raise click.BadParameter("--batches must be positive integers and --steps >= 1")
+    stages = [manifest.stage(n.strip()) for n in only.split(",")] if only else manifest.stages
     rows = []
-    for s in manifest.stages:
-        for b in _ints(batches, "--batches"):
-            r = run_probe(artifacts, s.name, b, steps, threads)
+    for s in stages:
+        for b in sizes:
+            r = run_probe(artifacts, s.name, b, steps, threads, backend)
             rows.append(r)
-            click.echo(f"{s.name:<12} batch {b:>3}: peak {r['peak_mb']:7.1f} MB  step {r['step_ms']:8.1f} ms")
-    report = {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-              "cpus": os.cpu_count(), "threads": threads, "model": manifest.model, "results": rows}
+            click.echo(f"{s.name:<12} {backend} batch {b:>3}: peak {r['peak_mb']:7.1f} MB  step {r['step_ms']:8.1f} ms")
+    engine = {"ort": "onnxruntime-training-cpu", "torch": "torch"}[backend]
+    try:
+        engine_version = importlib.metadata.version(engine)
+    except importlib.metadata.PackageNotFoundError:  # a source build of the engine
+        engine_version = "unknown"
+    host = {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "threads": threads, "engine": f"{engine} {engine_version}"}
     if out:
-        write_atomic(out, json.dumps(report, indent=1).encode())
+        write_atomic(out, json.dumps(make_profile(manifest, backend, rows, host), indent=1).encode())
         click.echo(f"wrote {out}", err=True)
+
+
+@main.command("apply-profile")
+@click.argument("artifacts", type=click.Path(file_okay=False))
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--device-class", "class_name", required=True, help="The class this board stands for (new: give --memory-mb).")
+@click.option("--memory-mb", type=float, default=None, help="The class's memory budget in MB (MiB).")
+@user_errors
+def apply_profile_cmd(artifacts, profile, class_name, memory_mb) -> None:
+    """Size a device class by a board's `device profile` peaks instead of the exporter machine's (rewrites the manifest:
+    devices then need the new manifest.json)."""
+    from .exporter.profile import apply_profile_file
+
+    click.echo(apply_profile_file(artifacts, profile, class_name, memory_mb))
 
 
 if __name__ == "__main__":

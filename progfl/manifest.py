@@ -18,8 +18,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: backends (torch files, per-backend memory points, device classes' backend and profile) and
+# the training graphs' loss_scale input (version-1 graphs lack it: export again)
 MANIFEST_NAME = "manifest.json"
+BACKENDS = ("ort", "torch")  # what a device trains with: ONNX Runtime training, or PyTorch (boards without ORT)
+TORCH_PREFIX = "torch."  # stage file kinds of the torch backend: torch.training, torch.prefix, torch.teacher, ...
 STAGE_KINDS = ("grow", "distill", "neulite", "full")
 LOSSES = ("ce", "neulite", "mse")
 
@@ -92,12 +95,16 @@ class ParamSpec:
 
 @dataclass
 class MemoryPoint:
-    """Peak memory of one stage at one micro-batch size: measured (VmHWM of a torch-free process) and estimated."""
+    """Peak memory of one stage at one micro-batch size and backend: measured (VmHWM of a process running only that
+    backend) and estimated. source: "export" for the exporter's own machine, else the profile a board measured it in
+    (see `progfl device profile` and exporter/profile.py)."""
 
     batch: int
     measured_mb: float | None
     estimate_mb: float
     breakdown: dict[str, float] = field(default_factory=dict)
+    backend: str = "ort"
+    source: str = "export"
 
 
 @dataclass
@@ -114,8 +121,13 @@ class Sizing:
 
 @dataclass
 class DeviceClass:
+    """A kind of device: its memory budget, the backend it trains with, and (once a board of it was profiled) the
+    profile whose measured peaks size it instead of the exporter's."""
+
     name: str
     memory_mb: float
+    backend: str = "ort"
+    profile: str | None = None
 
 
 @dataclass
@@ -139,6 +151,18 @@ class Stage:
     footprint: dict[str, float]  # element counts behind the analytic memory estimate (see exporter/sizing.py)
     memory: list[MemoryPoint] = field(default_factory=list)
     sizing: list[Sizing] = field(default_factory=list)
+
+    def backend_files(self, backend: str) -> dict[str, FileRef]:
+        """The files a device training with `backend` needs, by ORT's kind names (prefix, training, ...; the torch
+        backend's train graph is `training`)."""
+        if backend == "ort":
+            return {k: f for k, f in self.files.items() if not k.startswith(TORCH_PREFIX)}
+        if backend == "torch":
+            out = {k[len(TORCH_PREFIX):]: f for k, f in self.files.items() if k.startswith(TORCH_PREFIX)}
+            if not out:
+                raise ManifestError(f"stage {self.name} has no torch files: export with --backends ort,torch")
+            return out
+        raise ManifestError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
 
     @property
     def trainable_names(self) -> list[str]:
@@ -199,7 +223,8 @@ class Manifest:
         try:
             version = d["schema_version"]
             if version != SCHEMA_VERSION:
-                raise ManifestError(f"manifest schema version {version}, this progfl reads {SCHEMA_VERSION}")
+                raise ManifestError(f"manifest schema version {version}, this progfl reads {SCHEMA_VERSION}: "
+                                    "export the model again with this progfl")
             stages = [
                 Stage(
                     **{
@@ -264,6 +289,34 @@ class Manifest:
             for need in ("training", "eval", "optimizer", "checkpoint", "inference"):
                 if need not in s.files:
                     raise ManifestError(f"stage {s.name}: no {need} file")
+            for m in s.memory:
+                if m.backend not in BACKENDS:
+                    raise ManifestError(f"stage {s.name}: memory point of unknown backend {m.backend!r}")
+        for c in self.device_classes:
+            if c.backend not in self.backends:
+                raise ManifestError(f"device class {c.name}: backend {c.backend!r} was not exported "
+                                    f"(this export has {', '.join(self.backends)})")
+
+    @property
+    def backends(self) -> list[str]:
+        """The backends every stage has files for (ORT always: the server evaluates with it)."""
+        torch_kinds = [{k for k in s.files if k.startswith(TORCH_PREFIX)} for s in self.stages]
+        return ["ort", "torch"] if self.stages and all(torch_kinds) else ["ort"]
+
+    def files_digest(self, backend: str) -> str:
+        """Identity of the files a `backend` device trains from (not of manifest.json, which sizing edits rewrite):
+        a board's profile names it, so its peaks are applied only to the artifacts it measured."""
+        h = hashlib.sha256()
+        for s in self.stages:
+            for kind, ref in sorted(s.backend_files(backend).items()):
+                h.update(f"{s.name}/{kind}/{ref.sha256}".encode())
+        return h.hexdigest()
+
+    def device_class(self, name: str) -> DeviceClass:
+        for c in self.device_classes:
+            if c.name == name:
+                return c
+        raise ManifestError(f"no device class {name!r} (classes: {', '.join(c.name for c in self.device_classes)})")
 
     def initial_weights(self, folder: str | os.PathLike) -> dict[str, np.ndarray]:
         if self.initial is None:
@@ -276,11 +329,12 @@ class Manifest:
         check_arrays(arrays, self.global_params, f"{path}")
         return arrays
 
-    def verify_files(self, folder: str | os.PathLike, stage: Stage | None = None) -> None:
-        """Check every file's sha256 (of one stage, or all): a corrupt or truncated artifact fails here."""
+    def verify_files(self, folder: str | os.PathLike, stage: Stage | None = None, backend: str | None = None) -> None:
+        """Check every file's sha256 (of one stage, or all; of one backend, or all): a corrupt or truncated artifact
+        fails here."""
         root = Path(folder)
         for s in [stage] if stage else self.stages:
-            for kind, ref in s.files.items():
+            for kind, ref in (s.backend_files(backend) if backend else s.files).items():
                 p = root / ref.path
                 if not p.exists():
                     raise ManifestError(f"stage {s.name}: {kind} file {p} is missing")
@@ -338,19 +392,23 @@ def file_ref(root: Path, path: Path) -> FileRef:
 
 
 
-def predicted_peak_mb(stage: Stage, micro_batch: int) -> float:
-    """Peak memory at a micro-batch size: the measured point if there is one, else a line through the measured
-    points (peak is affine in batch: fixed weights/optimizer/runtime + per-sample activations), else the estimate."""
-    pts = {m.batch: m.measured_mb for m in stage.memory if m.measured_mb is not None}
+def predicted_peak_mb(stage: Stage, micro_batch: int, backend: str = "ort", source: str = "export") -> float:
+    """Peak memory at a micro-batch size for a backend, from the points measured on `source` (the exporter's machine
+    or a profiled board): the measured point if there is one, else a line through the measured points (peak is affine
+    in batch: fixed weights/optimizer/runtime + per-sample activations), else the exporter's estimate."""
+    own = [m for m in stage.memory if m.backend == backend]
+    if not own:
+        raise ManifestError(f"stage {stage.name}: no memory table for backend {backend!r}")
+    pts = {m.batch: m.measured_mb for m in own if m.measured_mb is not None and m.source == source}
     if micro_batch in pts:
         return pts[micro_batch]
     if len(pts) >= 2:
         b = np.array(sorted(pts), float)
         slope, icpt = np.polyfit(b, [pts[int(x)] for x in b], 1)
         return float(icpt + max(slope, 0.0) * micro_batch)
-    est = {m.batch: m.estimate_mb for m in stage.memory}
+    est = {m.batch: m.estimate_mb for m in own if m.source == "export"}
     if not est:
-        raise ManifestError(f"stage {stage.name}: no memory table")
+        raise ManifestError(f"stage {stage.name}: no {backend} measurements from {source!r} and no estimate")
     b = np.array(sorted(est), float)
     if len(b) == 1:
         return est[int(b[0])] * max(1.0, micro_batch / b[0])
@@ -358,13 +416,14 @@ def predicted_peak_mb(stage: Stage, micro_batch: int) -> float:
     return float(icpt + max(slope, 0.0) * micro_batch)
 
 
-def size_stage(stage: Stage, budget_mb: float, batch: int, margin: float, device_class: str = "") -> Sizing:
+def size_stage(stage: Stage, budget_mb: float, batch: int, margin: float, device_class: str = "",
+               backend: str = "ort", source: str = "export") -> Sizing:
     """The largest micro-batch (batch, batch/2, ..., 1) whose peak stays under budget x (1 - margin); the
     logical batch is kept by accumulating ceil(batch / micro) micro-batches. fits=False: cannot take part."""
     limit = budget_mb * (1.0 - margin)
     micro = batch
     while True:
-        peak = predicted_peak_mb(stage, micro)
+        peak = predicted_peak_mb(stage, micro, backend, source)
         if peak <= limit:
             return Sizing(device_class, budget_mb, micro, math.ceil(batch / micro), round(peak, 1), True)
         if micro == 1:

@@ -30,7 +30,8 @@ def export(tmp_path_factory, name: str, norm: str):
     torch.manual_seed(0)
     model = build_model("cnn", 10, (1, 12, 12), norm=norm, width=8)
     folder = tmp_path_factory.mktemp(name) / "a"
-    return model, folder, export_model(model, folder, CLASSES, kinds=("grow", "distill"), batch_size=16, measure=False)
+    return model, folder, export_model(model, folder, CLASSES, kinds=("grow", "distill"), batch_size=16, measure=False,
+                                       backends=("ort",))
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +242,8 @@ def rgb(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("cnn", 10, (3, 32, 32), width=8)
     folder = tmp_path_factory.mktemp("rgb") / "a"
-    return folder, export_model(model, folder, CLASSES, kinds=("grow",), batch_size=32, measure_batches=[8, 32])
+    return folder, export_model(model, folder, CLASSES, kinds=("grow",), batch_size=32, measure_batches=[8, 32],
+                                backends=("ort",))
 
 
 def test_peak_memory_does_not_grow_with_the_shard(rgb, tmp_path):

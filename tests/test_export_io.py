@@ -24,7 +24,7 @@ def measured(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("m") / "artifacts"
     manifest = export_model(build_model("cnn", 10, (1, 28, 28), width=4), folder, CLASSES, kinds=("grow", "full"),
-                            batch_size=16, measure_batches=[2, 16])
+                            batch_size=16, measure_batches=[2, 16], backends=("ort",))
     return folder, manifest
 
 
@@ -97,7 +97,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "fill_sizing", fail)
     with pytest.raises(RuntimeError):
         export_model(build_model("cnn", 10, (1, 28, 28), width=4), tmp_path / "out", CLASSES, kinds=("grow",),
-                     batch_size=8, measure=False)
+                     batch_size=8, measure=False, backends=("ort",))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -127,9 +127,9 @@ def test_cli_budget_below_smallest_stage(tmp_path):
     devices = tmp_path / "devices.json"
     devices.write_text(json.dumps([{"name": "watch", "memory_mb": 30}]))
     r = cli("export", "--model", "cnn", "--input-shape", "1,28,28", "--width", "4", "--stages", "grow", "--batch", "8",
-            "--measure-batches", "1,8", "--devices", str(devices), "--out", str(tmp_path / "out"))
+            "--measure-batches", "1,8", "--backends", "ort", "--devices", str(devices), "--out", str(tmp_path / "out"))
     assert r.returncode == 2
-    assert "device class watch (30 MB) is below the smallest stage" in r.stderr.strip().splitlines()[-1]
+    assert "device class watch (30 MB, ort) is below the smallest stage" in r.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["devices.json"]
 
 
@@ -163,7 +163,8 @@ def test_cli_explain_and_help(measured):
 def test_initial_weights_match_model(tmp_path):
     torch.manual_seed(3)
     model = build_model("cnn", 10, (1, 28, 28), width=4)
-    manifest = export_model(model, tmp_path / "a", CLASSES, kinds=("grow",), batch_size=8, measure=False)
+    manifest = export_model(model, tmp_path / "a", CLASSES, kinds=("grow",), batch_size=8, measure=False,
+                            backends=("ort",))
     arrays = manifest.initial_weights(tmp_path / "a")
     for name, t in model.state_dict().items():
         if name in arrays:

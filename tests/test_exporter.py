@@ -52,7 +52,7 @@ def exported(request, tmp_path_factory):
     torch.manual_seed(0)
     model = MODELS[request.param]()
     folder = tmp_path_factory.mktemp(request.param) / "artifacts"
-    manifest = export_model(model, folder, CLASSES, kinds=KINDS, batch_size=8, measure=False)
+    manifest = export_model(model, folder, CLASSES, kinds=KINDS, batch_size=8, measure=False, backends=("ort",))
     return model, folder, manifest
 
 
@@ -131,8 +131,8 @@ def check_stage_matches_torch(model: nn.Module, folder, manifest: Manifest, name
         lo = ort.accumulate(inputs_for(ort, x, y))
         le = eager.accumulate(inputs_for(eager, x.astype(np.float64), y))
         assert abs(lo - le) < 1e-4 * max(1.0, abs(le)), (stage.name, step, lo, le)
-        ort.step(LR, 1)
-        eager.step(LR, 1)
+        ort.step(LR)
+        eager.step(LR)
         trained, reference = ort.get_weights(), eager.get_weights()
         for name, value in trained.items():
             assert_same_update(value, reference[name], f"{stage.name} step {step} {name}")
@@ -176,7 +176,7 @@ def test_output_module_kinds_match_torch(key, kind, tmp_path):
     model = KIND_MODELS[key]()
     folder = tmp_path / "a"
     manifest = export_model(model, folder, CLASSES, kinds=("grow", "distill"), batch_size=8, measure=False,
-                            output_module=kind)
+                            backends=("ort",), output_module=kind)
     assert manifest.model_config["output_module"] == kind == model.output_module
     types = BASIC_LAYER_TYPES[kind][1 if key == "vit" else 0]
     for layer in model.basics.values():
@@ -199,7 +199,8 @@ def test_optimizer_semantics(optimizer, tmp_path):
     torch.manual_seed(0)
     model = build_model("cnn", 10, (1, 12, 12), width=4)
     cfg = OptimizerConfig(optimizer, momentum=0.9, weight_decay=5e-2)
-    manifest = export_model(model, tmp_path / "a", CLASSES, kinds=("grow",), batch_size=8, optimizer=cfg, measure=False)
+    manifest = export_model(model, tmp_path / "a", CLASSES, kinds=("grow",), batch_size=8, optimizer=cfg, measure=False,
+                            backends=("ort",))
     stage = manifest.stage("grow-2")
     w = nontrivial_weights(manifest, tmp_path / "a")
     ort = OrtStage(tmp_path / "a", manifest, stage.name)
@@ -211,8 +212,8 @@ def test_optimizer_semantics(optimizer, tmp_path):
         x, y = batch(manifest, rng)
         ort.accumulate(inputs_for(ort, x, y))
         eager.accumulate(inputs_for(eager, x.astype(np.float64), y))
-        ort.step(0.05, 1)
-        eager.step(0.05, 1)
+        ort.step(0.05)
+        eager.step(0.05)
     ref = eager.get_weights()
     for name, value in ort.get_weights().items():
         np.testing.assert_allclose(value, ref[name], atol=1e-6, rtol=1e-5, err_msg=f"{optimizer} {name}")

@@ -33,7 +33,7 @@ def artifacts(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("flower") / "a"
     export_model(build_model("cnn", 10, (1, 8, 8), width=4), folder, [DeviceClass("any", 4096.0)],
-                 kinds=("grow", "distill", "full"), batch_size=16, measure_batches=[1, 16])
+                 kinds=("grow", "distill", "full"), batch_size=16, measure_batches=[1, 16], backends=("ort",))
     return folder
 
 

@@ -20,7 +20,8 @@ def test_simulation_with_500_samples_a_device_stays_within_every_budget(tmp_path
     torch.manual_seed(0)
     art = tmp_path / "art"
     manifest = export_model(build_model("resnet18", 10, (1, 28, 28), width=8), art, [DeviceClass("any", 4096.0)],
-                            kinds=("grow", "full"), batch_size=32, measure_batches=[1, 8, 32], safety_margin=0.1)
+                            kinds=("grow", "full"), batch_size=32, measure_batches=[1, 8, 32], safety_margin=0.1,
+                            backends=("ort",))
     budget = round(predicted_peak_mb(manifest.stage("grow-1"), 32) / (1 - manifest.safety_margin) + 0.5, 1)
     cfg = SimConfig(plan="smartfreeze", artifacts=str(art), out=str(tmp_path / "run"), dataset="mnist5k", devices=8,
                     per_round=4, rounds=3, epochs=1, workers=2, seed=0, fleet=[budget] * 8,

@@ -50,7 +50,7 @@ def check_stages(model: BlockModel) -> None:
         graphs = build_stage(model, spec)
         with torch.no_grad():
             features = graphs.prefix(x) if graphs.prefix is not None else x
-            extra = {"labels": y, "inputs": x}
+            extra = {"labels": y, "inputs": x, "loss_scale": torch.tensor(1.0)}
             if graphs.teacher is not None:
                 extra["teacher"] = graphs.teacher(features)
             rest = [extra[n] for n in graphs.train.input_names()[1:]]
@@ -272,7 +272,7 @@ def test_distill_keeps_the_frozen_output_module_in_eval_mode() -> None:
     x, _ = batch(model)
     features = g.prefix(x)
     g.train.train()
-    _, logits, _ = g.train(features, torch.zeros(len(x), CLASSES))
+    _, logits, _ = g.train(features, torch.zeros(len(x), CLASSES), torch.tensor(1.0))
     after = dict(model.named_buffers())
     assert not torch.equal(after["basics.1.1.running_mean"], before["basics.1.1.running_mean"])
     for k in ("2", "3"):

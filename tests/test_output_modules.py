@@ -50,7 +50,7 @@ def test_auto_picks_light_for_a_depthwise_separable_model(tmp_path):
     assert conv_grow0 > full  # the case this test is about
     lines = []
     manifest = export_model(model, tmp_path / "a", CLASSES, kinds=("grow", "neulite", "full"), batch_size=8,
-                            measure=False, progress=lines.append)
+                            measure=False, backends=("ort",), progress=lines.append)
     assert model.output_module == "light" and manifest.model_config["output_module"] == "light"
     light_grow0, _ = counts(model, "light")
     assert manifest.stage("grow-0").footprint["trainable"] == light_grow0 <= full
@@ -71,13 +71,15 @@ def test_explicit_kind_that_breaks_the_rule_is_refused(tmp_path):
     conv_grow0, full = counts(model, "conv")
     linear_grow0, _ = counts(model, "linear")
     with pytest.raises(ExportError) as e:
-        export_model(model, tmp_path / "a", CLASSES, kinds=("grow", "full"), measure=False, output_module="conv")
+        export_model(model, tmp_path / "a", CLASSES, kinds=("grow", "full"), measure=False,
+                     backends=("ort",), output_module="conv")
     msg = str(e.value)
     assert "\n" not in msg
     assert f"grow-0 trains {conv_grow0:,} parameters, full-model training {full:,}" in msg
     assert "try --output-module light" in msg
     with pytest.raises(ExportError, match=f"output module linear .*grow-0 trains {linear_grow0:,} parameters"):
-        export_model(model, tmp_path / "a", CLASSES, kinds=("grow", "full"), measure=False, output_module="linear")
+        export_model(model, tmp_path / "a", CLASSES, kinds=("grow", "full"), measure=False,
+                     backends=("ort",), output_module="linear")
     assert list(tmp_path.iterdir()) == []
     assert model.output_module == "conv"  # a refused export leaves the model as it was
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -91,7 +93,7 @@ def test_refused_when_no_kind_fits(tmp_path):
     model = from_sequential(seq, (1, 16, 16), 10)
     with pytest.raises(ExportError, match=r"^no output module keeps every stage within full-model training "
                                           r"\(conv: grow-0 .*; light: grow-0 .*; linear: grow-0 [^;]*\)$"):
-        export_model(model, tmp_path / "a", CLASSES, kinds=("grow", "full"), measure=False)
+        export_model(model, tmp_path / "a", CLASSES, kinds=("grow", "full"), measure=False, backends=("ort",))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -99,7 +101,7 @@ def fake_peaks(grow_over_full: dict[str, float]):
     """A stand-in for fill_memory: every stage gets 100 MB, grow-0 100 MB + grow_over_full[kind]."""
     from progfl.exporter.sizing import estimate
 
-    def fill(manifest, folder, batches, measured, progress=None):
+    def fill(manifest, folder, batches, measured, progress=None, backends=("ort",)):
         kind = manifest.model_config["output_module"]
         for s in manifest.stages:
             s.memory = []
@@ -143,20 +145,20 @@ def test_measured_export_compares_peaks(tmp_path):
     """A real measurement (torch-free probes): the notes name the grow stage closest to full's peak."""
     torch.manual_seed(0)
     manifest = export_model(build_model("cnn", 10, (1, 28, 28), width=4), tmp_path / "a", CLASSES,
-                            kinds=("grow", "full"), batch_size=8, measure_batches=[8])
+                            kinds=("grow", "full"), batch_size=8, measure_batches=[8], backends=("ort",))
     assert manifest.model_config["output_module"] == "conv"
     assert manifest.notes[0].startswith("output module conv (auto: the default kind)")
     assert any(n.startswith("peaks: no grow stage peaks above full-model training") and "micro-batch 8" in n
                for n in manifest.notes)
     unmeasured = export_model(build_model("cnn", 10, (1, 28, 28), width=4), tmp_path / "b", CLASSES,
-                              kinds=("grow", "full"), batch_size=8, measure=False)
+                              kinds=("grow", "full"), batch_size=8, measure=False, backends=("ort",))
     assert "peaks: not compared (the export did not measure them)" in unmeasured.notes
 
 
 def test_manifest_without_notes_still_loads(tmp_path):
     torch.manual_seed(0)
     export_model(build_model("cnn", 10, (1, 12, 12), width=4), tmp_path / "a", CLASSES, kinds=("grow",), batch_size=8,
-                 measure=False, output_module="linear")
+                 measure=False, backends=("ort",), output_module="linear")
     path = tmp_path / "a" / "manifest.json"
     d = json.loads(path.read_text())
     assert d["notes"] and d["model_config"]["output_module"] == "linear"

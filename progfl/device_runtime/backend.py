@@ -1,11 +1,25 @@
-"""What a device needs from a training engine; the ONNX Runtime backend is the complete one."""
+"""What a device needs from a training engine, and which engine a device uses.
+
+Two backends implement StageBackend: ONNX Runtime training (ort_backend.py: torch-free, the default wherever
+onnxruntime-training installs) and PyTorch (torch_backend.py: for ARM boards, where no ORT training build exists).
+Each is imported only when chosen, so a device never loads the engine it does not use.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from ..manifest import BACKENDS, Manifest, ManifestError
+
+BACKEND_CHOICES = ("auto", *BACKENDS)
+INSTALL = {"ort": "pip install onnxruntime-training-cpu==1.19.2 (x86_64, macOS, Windows; no Linux aarch64 build)",
+           "torch": "pip install torch (a Raspberry Pi 4 needs torch==2.9.1: see the README's ARM section)"}
 
 
 @dataclass
@@ -39,11 +53,12 @@ class StageBackend(ABC):
 
     @abstractmethod
     def accumulate(self, inputs: dict[str, np.ndarray]) -> float:
-        """Forward + backward on one micro-batch, gradients summed; returns the data loss."""
+        """Forward + backward on one micro-batch, gradients summed; returns the data loss. inputs["loss_scale"] is the
+        micro-batch's share of its logical batch (see with_loss_scale)."""
 
     @abstractmethod
-    def step(self, lr: float, accum_steps: int) -> None:
-        """Apply the summed gradients of `accum_steps` micro-batches as one update at learning rate lr."""
+    def step(self, lr: float) -> None:
+        """Apply the summed (share-weighted) gradients of a logical batch as one update at learning rate lr."""
 
     @abstractmethod
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -52,3 +67,64 @@ class StageBackend(ABC):
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits of the model as this stage sees it (eval mode), for local evaluation."""
+
+
+def with_loss_scale(inputs: dict[str, np.ndarray], share: float) -> dict[str, np.ndarray]:
+    """The inputs plus loss_scale = this micro-batch's share of its logical batch."""
+    return {**inputs, "loss_scale": np.asarray(share, np.float32)}
+
+
+def ordered_inputs(names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The training graph's inputs in its order; without loss_scale the micro-batch is the whole batch (share 1)."""
+    return [inputs[n] if n != "loss_scale" or n in inputs else np.asarray(1.0, np.float32) for n in names]
+
+
+def weights_digest(arrays: dict[str, np.ndarray], names: list[str]) -> str:
+    """Identity of the weights a frozen computation reads (part of the feature cache's key)."""
+    h = hashlib.sha256()
+    for n in names:
+        h.update(np.ascontiguousarray(arrays[n]).tobytes())
+    return h.hexdigest()
+
+
+def installed(backend: str) -> bool:
+    """Whether a backend's engine is installed (found, not imported). ORT counts only with its training API: plain
+    onnxruntime has the same top-level package and no training."""
+    name = "onnxruntime" if backend == "ort" else backend
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:  # an import hook that forbids it
+        return False
+    if spec is None or backend != "ort":
+        return spec is not None
+    return any((Path(p) / "training" / "api").is_dir() for p in spec.submodule_search_locations or [])
+
+
+def resolve_backend(name: str, manifest: Manifest) -> str:
+    """auto: ORT where its training API is installed, else torch; an explicit backend must be installed and exported.
+    Errors name what to install or how to export."""
+    if name not in BACKEND_CHOICES:
+        raise ManifestError(f"unknown backend {name!r}: use {', '.join(BACKEND_CHOICES)}")
+    if name == "auto":
+        for b in manifest.backends:  # ort first
+            if installed(b):
+                return b
+        raise ManifestError("no training backend installed that these artifacts were exported for: "
+                            + "; or ".join(INSTALL[b] for b in manifest.backends))
+    if not installed(name):
+        raise ManifestError(f"backend {name} is not installed on this device: {INSTALL[name]}")
+    if name not in manifest.backends:
+        raise ManifestError(f"these artifacts have no {name} files: export them with --backends ort,{name}")
+    return name
+
+
+def open_stage(backend: str, folder: str | Path, manifest: Manifest, stage: str | int,
+               options: RuntimeOptions | None = None, verify: bool = True) -> StageBackend:
+    """One stage loaded for training by a resolved backend (see resolve_backend)."""
+    if backend == "torch":
+        from .torch_backend import TorchStage
+
+        return TorchStage(folder, manifest, stage, options, verify)
+    from .ort_backend import OrtStage
+
+    return OrtStage(folder, manifest, stage, options, verify)

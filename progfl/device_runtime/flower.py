@@ -4,7 +4,7 @@ Node config (`flower-supernode --node-config`):
     memory-mb      the device's memory budget (MB)
     data-path      the device's .npz shard (x float32 N,C,H,W; y int labels; see device_runtime/shard.py)
     artifacts-dir  a local cache folder; each export lives in <artifacts-dir>/<manifest sha256>/
-    backend        "ort" (the only one for now)
+    backend        optional: ort, torch, or auto (default: ONNX Runtime training where installed, else torch)
     threads        optional: ONNX Runtime intra-op threads (0: one per core)
     feature-cache  optional: folder for the frozen-prefix feature cache
     device-id      optional: the id the server uses for this device (default: by node id)
@@ -31,8 +31,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from .. import __version__
-from ..manifest import MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, write_atomic
-from .backend import RuntimeOptions
+from ..manifest import BACKENDS, MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, write_atomic
+from .backend import BACKEND_CHOICES, RuntimeOptions, installed
 from .device import Device
 from .shard import Shard
 
@@ -78,12 +78,12 @@ def content_to_update(content: RecordDict) -> TrainUpdate:
                        metrics=metrics)
 
 
-def stage_files(folder: str | os.PathLike, manifest: Manifest, stage: str) -> dict[str, Path]:
-    """Every file a device needs for one stage (checkpoint folders expanded), by path relative to the export,
-    plus the manifest itself."""
+def stage_files(folder: str | os.PathLike, manifest: Manifest, stage: str, backend: str = "ort") -> dict[str, Path]:
+    """Every file a device of `backend` needs for one stage (checkpoint folders expanded), by path relative to the
+    export, plus the manifest itself."""
     root = Path(folder)
     out = {MANIFEST_NAME: root / MANIFEST_NAME}
-    for ref in manifest.stage(stage).files.values():
+    for ref in manifest.stage(stage).backend_files(backend).values():
         p = root / ref.path
         for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
             if f.is_file():
@@ -103,8 +103,8 @@ def _safe_path(root: Path, rel: str) -> Path:
     return p
 
 
-def held_stages(artifacts_dir: Path) -> list[str]:
-    """Stages present and intact in the cache: '<manifest sha>:<stage>' for each."""
+def held_stages(artifacts_dir: Path, backend: str = "ort") -> list[str]:
+    """Stages whose `backend` files are present and intact in the cache: '<manifest sha>:<stage>' for each."""
     held = []
     if not artifacts_dir.is_dir():
         return held
@@ -117,7 +117,7 @@ def held_stages(artifacts_dir: Path) -> list[str]:
             continue
         for s in m.stages:
             try:
-                m.verify_files(folder, s)
+                m.verify_files(folder, s, backend)
                 held.append(held_key(folder.name, s.name))
             except ManifestError:
                 pass
@@ -153,15 +153,19 @@ class NodeSettings:
         missing = [k for k in ("memory-mb", "data-path", "artifacts-dir") if k not in cfg]
         if missing:
             raise ManifestError(f"node config lacks {', '.join(missing)}")
-        if str(cfg.get("backend", "ort")) != "ort":
-            raise ManifestError(f"backend {cfg['backend']!r} is not supported (only 'ort')")
+        self.backend = str(cfg.get("backend", "auto"))
+        if self.backend not in BACKEND_CHOICES:
+            raise ManifestError(f"node config: unknown backend {self.backend!r} (use {', '.join(BACKEND_CHOICES)})")
+        if self.backend == "auto":
+            self.backend = next((b for b in BACKENDS if installed(b)), "ort")
         self.budget_mb = float(cfg["memory-mb"])
         self.data_path = str(cfg["data-path"])
         self.artifacts_dir = Path(str(cfg["artifacts-dir"]))
         self.threads = int(cfg.get("threads", 0))
         self.feature_cache = str(cfg["feature-cache"]) if cfg.get("feature-cache") else None
         self.device_id = int(cfg["device-id"]) if "device-id" in cfg else None
-        self.key = (self.data_path, str(self.artifacts_dir), self.budget_mb, self.threads, self.feature_cache)
+        self.key = (self.data_path, str(self.artifacts_dir), self.budget_mb, self.threads, self.feature_cache,
+                    self.backend)
 
 
 # One Device per (node settings, export) per process: the simulation engine's actors serve many virtual nodes,
@@ -185,7 +189,8 @@ def _device(node: NodeSettings, folder: Path) -> Device:
     shard = _shard(node)
     if key not in _devices:
         _devices.clear()
-        _devices[key] = Device(folder, shard, node.budget_mb, RuntimeOptions(threads=node.threads), node.feature_cache)
+        _devices[key] = Device(folder, shard, node.budget_mb, RuntimeOptions(threads=node.threads), node.feature_cache,
+                               node.backend)
     return _devices[key]
 
 
@@ -196,7 +201,7 @@ def query(msg: Message, context: Context, fleet: str | None = None) -> Message:
     classes = int(asked.get("num-classes", int(y.max()) + 1))
     caps = {"memory-mb": node.budget_mb, "num-samples": int(len(y)),
             "label-hist": [int(c) for c in np.bincount(y, minlength=classes)], "progfl-version": __version__,
-            "backend": "ort", "held": held_stages(node.artifacts_dir)}
+            "backend": node.backend, "held": held_stages(node.artifacts_dir, node.backend)}
     if node.device_id is not None:
         caps["device-id"] = node.device_id
     return Message(RecordDict({"caps": ConfigRecord(caps)}), reply_to=msg)

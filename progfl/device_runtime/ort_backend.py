@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ..manifest import Manifest, ManifestError, check_arrays
-from .backend import RuntimeOptions, StageBackend
+from .backend import RuntimeOptions, StageBackend, ordered_inputs, weights_digest
 from .ort import CheckpointState, InferenceSession, Module, Optimizer, OrtValue, SessionOptions, onnxruntime
 
 _OPT_LEVELS = {
@@ -40,13 +39,6 @@ def session_options(opts: RuntimeOptions) -> SessionOptions:
     return so
 
 
-def _digest(arrays: dict[str, np.ndarray], names: list[str]) -> str:
-    h = hashlib.sha256()
-    for n in names:
-        h.update(np.ascontiguousarray(arrays[n]).tobytes())
-    return h.hexdigest()
-
-
 class InferenceFile:
     """An inference ONNX file whose global weights are graph inputs (see exporter.fixes.weights_as_inputs):
     the session is built once; the weights are bound as OrtValues and rebound only when they change."""
@@ -58,7 +50,7 @@ class InferenceFile:
 
     def bind(self, weights: dict[str, np.ndarray]) -> None:
         """Bind this round's weights (hashing them is not free: call it when they change, not per batch)."""
-        digest = _digest(weights, self.names)
+        digest = weights_digest(weights, self.names)
         if digest != self.digest:
             self._arrays = {n: np.ascontiguousarray(weights[n], np.float32) for n in self.names}  # OrtValues borrow these
             self._bound = {n: OrtValue.ortvalue_from_numpy(a) for n, a in self._arrays.items()}
@@ -76,7 +68,7 @@ class OrtStage(StageBackend):
         self.stage = manifest.stage(stage)
         self.options = options or RuntimeOptions()
         if verify:
-            manifest.verify_files(self.folder, self.stage)
+            manifest.verify_files(self.folder, self.stage, "ort")
         self._so = session_options(self.options)
         self._load_training()
         self.output_names = self.module.output_names()
@@ -163,7 +155,7 @@ class OrtStage(StageBackend):
     # --- training ---
     def accumulate(self, inputs: dict[str, np.ndarray]) -> float:
         self.module.train()
-        outs = self.module(*[inputs[t.name] for t in self.stage.inputs])
+        outs = self.module(*ordered_inputs([t.name for t in self.stage.inputs], inputs))
         batch = len(inputs["features"])
         for i, name in self._bn:  # bug 5: write BatchNorm statistics back ourselves
             value = outs[i]
@@ -176,8 +168,8 @@ class OrtStage(StageBackend):
             self.state.parameters[name] = value
         return float(outs[self.output_names.index("data_loss")])
 
-    def step(self, lr: float, accum_steps: int) -> None:
-        self.optimizer.set_learning_rate(lr * self._lr_scale / accum_steps)
+    def step(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(lr * self._lr_scale)
         self.optimizer.step()
         self.module.lazy_reset_grad()
         self._stepped = True

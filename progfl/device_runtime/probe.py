@@ -1,8 +1,8 @@
-"""Measure one stage's peak memory and step time in this (torch-free) process, running a real local round.
+"""Measure one stage's peak memory and step time in this process, running a real local round with one backend.
 
-`python -m progfl.device_runtime.probe ARTIFACTS STAGE BATCH [--steps N] [--threads T]` prints one JSON
-line. The exporter runs it in a fresh subprocess per stage and micro-batch so each peak is the stage's own;
-`progfl device profile` runs it on the target board.
+`python -m progfl.device_runtime.probe ARTIFACTS STAGE BATCH [--steps N] [--threads T] [--backend B]` prints one
+JSON line. The exporter runs it in a fresh subprocess per stage, backend and micro-batch so each peak is the stage's
+own (an ORT probe never imports torch); `progfl device profile` runs it on the target board.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -19,9 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import Manifest, Stage, TrainTask
-from .backend import RuntimeOptions
+from .backend import RuntimeOptions, open_stage, resolve_backend
 from .memory import rss_mb
-from .ort_backend import OrtStage
 from .shard import Shard
 from .trainer import train_round
 
@@ -54,31 +54,45 @@ def write_synthetic_shard(path: Path, manifest: Manifest, n: int, seed: int = 0)
 
 
 def measure_stage(folder: str, stage: str, batch: int, steps: int = 3,
-                  options: RuntimeOptions | None = None) -> dict:
+                  options: RuntimeOptions | None = None, backend: str = "ort") -> dict:
     """One local round of `steps` + 1 steps at this micro-batch, run exactly as a device runs it (shard read from
     a file, frozen prefix cached on disk), on synthetic data; its peak is the stage's peak at this micro-batch."""
     manifest = Manifest.load(folder)
     s = manifest.stage(stage)
+    backend = resolve_backend(backend, manifest)
     baseline = rss_mb()
     with tempfile.TemporaryDirectory(prefix="progfl-probe-") as tmp:
         path = Path(tmp) / "shard.npz"
         write_synthetic_shard(path, manifest, batch * (steps + 1))
         with Shard(path) as shard:
             shard.validate(manifest.input_shape, manifest.num_classes)
-            backend = OrtStage(folder, manifest, s.name, options)
+            engine = open_stage(backend, folder, manifest, s.name, options)
             task = TrainTask(round=0, stage=s.name, manifest_sha256="", weights=synthetic_weights(manifest, s),
                              lr=0.01, epochs=1, batch_size=batch, micro_batch=batch, accum_steps=1)
-            update = train_round(backend, s, task, shard, scratch=tmp)
+            update = train_round(engine, s, task, shard, scratch=tmp)
     m = update.metrics
-    return {"stage": s.name, "batch": batch, "peak_mb": m["peak_mb"], "baseline_mb": round(baseline, 1),
+    return {"stage": s.name, "backend": backend, "batch": batch, "peak_mb": m["peak_mb"], "baseline_mb": round(baseline, 1),
             "step_ms": round(m["step_ms"], 2), "peak_resettable": bool(m["peak_resettable"]),
             "torch_imported": "torch" in sys.modules}
 
 
-def run_probe(folder: str | os.PathLike, stage: str, batch: int, steps: int = 2, threads: int = 0) -> dict:
-    """measure_stage in a fresh interpreter, so the peak (VmHWM) is this stage's alone."""
-    cmd = [sys.executable, "-m", "progfl.device_runtime.probe", str(folder), stage, str(batch),
-           "--steps", str(steps), "--threads", str(threads)]
+PROFILE_VERSION = 1  # the format of `progfl device profile --out` (read by exporter/profile.py on the server)
+
+
+def make_profile(manifest: Manifest, backend: str, rows: list[dict], host: dict) -> dict:
+    """A board's profile: what was measured (rows of measure_stage), on what (host), for which artifacts."""
+    return {"progfl_profile": PROFILE_VERSION, "model": manifest.model, "backend": backend,
+            "files_digest": manifest.files_digest(backend), **host, "results": rows}
+
+
+def run_probe(folder: str | os.PathLike, stage: str, batch: int, steps: int = 2, threads: int = 0,
+              backend: str = "ort") -> dict:
+    """measure_stage in a fresh interpreter, so the peak (VmHWM) is this stage's alone. PROGFL_PROBE_PYTHON, when set,
+    is the command that starts that interpreter: under user-mode emulation (qemu-aarch64 without binfmt_misc, as in
+    `make arm-check`) a child cannot exec the guest's python by itself."""
+    python = shlex.split(os.environ.get("PROGFL_PROBE_PYTHON", "")) or [sys.executable]
+    cmd = [*python, "-m", "progfl.device_runtime.probe", str(folder), stage, str(batch),
+           "--steps", str(steps), "--threads", str(threads), "--backend", backend]
     root = str(Path(__file__).parents[2])  # progfl importable from a source checkout too
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -96,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-low-memory", action="store_true")
+    ap.add_argument("--backend", default="ort")
     a = ap.parse_args(argv)
     opts = RuntimeOptions(threads=a.threads, low_memory=not a.no_low_memory)
-    print(json.dumps(measure_stage(a.artifacts, a.stage, a.batch, a.steps, opts)))
+    print(json.dumps(measure_stage(a.artifacts, a.stage, a.batch, a.steps, opts, a.backend)))
     return 0
 
 

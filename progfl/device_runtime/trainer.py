@@ -5,8 +5,10 @@ prefix runs once over the shard in order with its features (and a distillation s
 to disk, and every step reads its rows back into reused buffers (see rows.py and cache.py).
 
 Each logical batch of `task.batch_size` samples is cut into micro-batches of `task.micro_batch` (as the
-manifest sized them for this device's memory); gradients of the micro-batches are summed by ORT and applied
-as one step with the learning rate divided by their count, which equals one full-batch step.
+manifest sized them for this device's memory); each micro-batch's loss is weighted by its share of the batch
+(the graph's loss_scale input), the backend sums the gradients and applies them as one step at the task's learning
+rate: the logical batch's mean gradient, whatever the split (BatchNorm still normalises each micro-batch by its own
+statistics).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..manifest import ManifestError, Stage, TrainTask, TrainUpdate
-from .backend import StageBackend
+from .backend import StageBackend, with_loss_scale
 from .cache import FeatureCache
 from .memory import PhasePeak
 from .rows import RowReader
@@ -88,9 +90,10 @@ def _batches(rng: np.random.Generator, n: int, batch: int, micro: int) -> Iterat
 
 
 def check_task(task: TrainTask) -> None:
-    if task.micro_batch < 1 or task.accum_steps < 1 or task.epochs < 1 or not np.isfinite(task.lr):
-        raise ManifestError(f"bad task: micro_batch={task.micro_batch} accum_steps={task.accum_steps} "
-                            f"epochs={task.epochs} lr={task.lr}")
+    if not 1 <= task.micro_batch <= task.batch_size or task.accum_steps < 1 or task.epochs < 1 \
+            or not np.isfinite(task.lr):
+        raise ManifestError(f"bad task: batch_size={task.batch_size} micro_batch={task.micro_batch} "
+                            f"accum_steps={task.accum_steps} epochs={task.epochs} lr={task.lr}")
 
 
 def train_round(backend: StageBackend, stage: Stage, task: TrainTask, shard: Shard,
@@ -104,11 +107,12 @@ def train_round(backend: StageBackend, stage: Stage, task: TrainTask, shard: Sha
             rng = np.random.default_rng(task.seed)
             losses, step_s = [], []
             for _ in range(task.epochs):
-                for micro in _batches(rng, len(shard), task.micro_batch * task.accum_steps, task.micro_batch):
+                for micro in _batches(rng, len(shard), task.batch_size, task.micro_batch):
                     s0 = time.perf_counter()
+                    n = sum(len(m) for m in micro)
                     for m in micro:
-                        losses.append(backend.accumulate(data.inputs(m)) * len(m))
-                    backend.step(task.lr, len(micro))
+                        losses.append(backend.accumulate(with_loss_scale(data.inputs(m), len(m) / n)) * len(m))
+                    backend.step(task.lr)
                     step_s.append(time.perf_counter() - s0)
         finally:
             data.close()

@@ -1,4 +1,5 @@
-"""Compile one stage: torch graphs -> ONNX -> ONNX Runtime training artifacts, with the 1.19.2 fixes applied.
+"""Compile one stage: torch graphs -> ONNX -> ONNX Runtime training artifacts, with the 1.19.2 fixes applied, and
+(for the torch backend) the same graphs as TorchScript files (torch_files.py).
 
 Artifacts are compiled once per stage. Every file keeps the global parameter names as initializer names,
 so a device sets the round's weights by name (prefix: session initializers; trainable part: the flat
@@ -20,8 +21,9 @@ import torch
 
 from ..manifest import ParamSpec, Stage, TensorSpec, file_ref
 from ..models.base import BlockModel
-from ..models.stages import NeuLiteWeights, StageSpec, build_stage
+from ..models.stages import NeuLiteWeights, StageGraphs, StageSpec, build_stage
 from .fixes import cap_ir_file, cap_ir_version, expose_bn_statistics, fix_eval_model, initializer_names, weights_as_inputs
+from .torch_files import write_torch_files
 
 OPSETS = range(17, 22)  # generate_artifacts refuses 22+; older opsets lack ops the graphs use
 
@@ -72,7 +74,7 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
         torch.onnx.export(
             module, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
             training=mode, do_constant_folding=False, dynamo=False,
-            dynamic_axes={n: {0: "batch"} for n in inputs + outputs[:2]},
+            dynamic_axes={n: {0: "batch"} for n in inputs + outputs[:2] if n != "loss_scale"},
         )
     model = onnx.load(str(path))
     return model
@@ -112,38 +114,84 @@ def _quiet_fd2():
             os.close(saved)
 
 
-def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, opset: int,
-                  optimizer: OptimizerConfig, neulite: NeuLiteWeights, batch: int = 4) -> Stage:
-    from onnxruntime.training import artifacts
+@dataclass
+class _Artifacts:
+    """What compiling the trainable part produced: its files, BatchNorm outputs, and the flat buffer's order."""
 
+    files: dict[str, Path]
+    bn_updates: dict[str, str]
+    order: list[str]
+
+
+def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, opset: int,
+                  optimizer: OptimizerConfig, neulite: NeuLiteWeights, batch: int = 4,
+                  backends: tuple[str, ...] = ("ort",)) -> Stage:
+    """The stage's graphs (stages.py), example inputs, the inference files, the training artifacts, the torch files
+    when asked for, and the record that describes them."""
     model = _distinct_copy(model)
     shapes = {n: list(t.shape) for n, t in model.state_dict().items() if not n.endswith("num_batches_tracked")}
     g = build_stage(model, spec, optimizer.graph_weight_decay, neulite)
     folder = root / f"stage_{index:02d}_{spec.name}"
     folder.mkdir()
-    files: dict[str, Path] = {}
+    values = _example_inputs(model, g, index, batch)
+    files, session_params = _inference_files(g, values, folder, opset, shapes)
+    names = g.train.input_names()
+    bn_variance, train_acts, _ = _inspect(g.train, [values[n] for n in names])
+    art = _training_artifacts(g, values, folder, opset, optimizer, shapes)
+    files.update(art.files)
+    if "torch" in backends:
+        files.update(write_torch_files(model, spec, neulite, values, folder))
+    trainable = {n for n, _ in g.train.trainable_parameters()}
+    feature_shape = [-1, *values["features"].shape[1:]]
+    specs = {"features": feature_shape, "inputs": [-1, *model.input_shape], "labels": [-1],
+             "teacher": [-1, model.num_classes], "loss_scale": []}
+    return Stage(
+        index=index, name=spec.name, kind=spec.kind, block=spec.block, loss=spec.loss,
+        loss_config={"l1": g.train.l1, "l2": g.train.l2, "sigma": g.train.sigma} if spec.kind == "neulite" else {},
+        optimizer=optimizer.record(),
+        inputs=[TensorSpec(n, specs[n], "int64" if n == "labels" else "float32") for n in names],
+        feature=TensorSpec("features", feature_shape),
+        params=[ParamSpec(n, shapes[n], n in trainable) for n in art.order],
+        session_params=session_params, bn_updates=art.bn_updates, bn_variance=bn_variance,
+        footprint=_footprint(model, g, values, art.order, trainable, session_params, shapes, train_acts),
+        files={k: file_ref(root, p) for k, p in files.items()},
+    )
 
+
+def _example_inputs(model: BlockModel, g: StageGraphs, index: int, batch: int) -> dict[str, torch.Tensor]:
+    """A batch for every graph input: random x, the prefix's features, labels, the teacher's logits."""
     torch.manual_seed(index)
     x = torch.randn(batch, *model.input_shape)
     with torch.no_grad():
         g.inference.eval()
         features = g.prefix.eval()(x) if g.prefix else x
         teacher_logits = g.teacher.eval()(features) if g.teacher else None
+    labels = torch.randint(0, model.num_classes, (batch,))
+    return {"features": features, "inputs": x, "labels": labels, "teacher": teacher_logits,
+            "loss_scale": torch.tensor(1.0)}
+
+
+def _inference_files(g: StageGraphs, values: dict[str, torch.Tensor], folder: Path, opset: int,
+                     shapes: dict[str, list[int]]) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """prefix, inference and teacher as ONNX inference files whose weights are inputs (bound per round)."""
+    files: dict[str, Path] = {}
     session_params: dict[str, list[str]] = {}
-    for kind, graph, arg, inp, out in [("prefix", g.prefix, x, "inputs", "features"),
-                                        ("inference", g.inference, x, "inputs", "logits"),
-                                        ("teacher", g.teacher, features, "features", "logits")]:
+    for kind, graph, inp, out in [("prefix", g.prefix, "inputs", "features"), ("inference", g.inference, "inputs", "logits"),
+                                  ("teacher", g.teacher, "features", "logits")]:
         if graph is not None:
             files[kind] = folder / f"{kind}.onnx"
-            _export(graph, (arg,), [inp], [out], files[kind], opset, False)
+            _export(graph, (values[inp],), [inp], [out], files[kind], opset, False)
             session_params[kind] = _weights_as_inputs(files[kind], shapes)
+    return files, session_params
 
-    labels = torch.randint(0, model.num_classes, (batch,))
-    values = {"features": features, "inputs": x, "labels": labels, "teacher": teacher_logits}
+
+def _training_artifacts(g: StageGraphs, values: dict[str, torch.Tensor], folder: Path, opset: int,
+                        optimizer: OptimizerConfig, shapes: dict[str, list[int]]) -> _Artifacts:
+    """The train graph to ONNX (BatchNorm statistics exposed), ORT's training artifacts from it, the 1.19.2 fixes."""
+    from onnxruntime.training import artifacts
+
     names = g.train.input_names()
     base_path = folder / "base.onnx"
-    bn_variance, train_acts, _ = _inspect(g.train, [values[n] for n in names])
-    prefix_acts = _inspect(g.prefix, [x])[2] if g.prefix else 0.0
     base = _export(g.train, tuple(values[n] for n in names), names, ["loss", "logits", "data_loss"], base_path, opset, True)
     bn_updates = expose_bn_statistics(base)
     trainable = {n for n, _ in g.train.trainable_parameters()}
@@ -157,33 +205,26 @@ def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, op
             optimizer=optimizer.block(), artifact_directory=folder_abs,
         )
     base_path.unlink()
-    files.update(training=folder / "training_model.onnx", eval=folder / "eval_model.onnx",
-                 optimizer=folder / "optimizer_model.onnx", checkpoint=folder / "checkpoint")
+    files = {"training": folder / "training_model.onnx", "eval": folder / "eval_model.onnx",
+             "optimizer": folder / "optimizer_model.onnx", "checkpoint": folder / "checkpoint"}
     fix_eval_model(files["eval"], set(bn_updates))
     cap_ir_file(files["training"])
     _fix_optimizer(files["optimizer"], optimizer)
-
     training = onnx.load(str(files["training"]), load_external_data=False)
     order = [i.name for i in training.graph.input if i.name in shapes]  # the flat buffer's order
-    feature_shape = [-1, *features.shape[1:]]
-    specs = {"features": feature_shape, "inputs": [-1, *model.input_shape], "labels": [-1],
-             "teacher": [-1, model.num_classes]}
-    n_params = sum(int(torch.Size(shapes[n]).numel()) for n in order)
-    n_trainable = sum(int(torch.Size(shapes[n]).numel()) for n in order if n in trainable)
-    n_session = sum(int(torch.Size(shapes[n]).numel()) for k in ("prefix", "teacher") for n in session_params.get(k, []))
-    footprint = {"params": n_params, "trainable": n_trainable, "frozen_session_params": n_session,
-                 "activations_per_sample": train_acts, "prefix_peak_activation_per_sample": prefix_acts,
-                 "input_per_sample": float(torch.Size(model.input_shape).numel())}
-    return Stage(
-        index=index, name=spec.name, kind=spec.kind, block=spec.block, loss=spec.loss,
-        loss_config={"l1": g.train.l1, "l2": g.train.l2, "sigma": g.train.sigma} if spec.kind == "neulite" else {},
-        optimizer=optimizer.record(),
-        inputs=[TensorSpec(n, specs[n], "int64" if n == "labels" else "float32") for n in names],
-        feature=TensorSpec("features", feature_shape),
-        params=[ParamSpec(n, shapes[n], n in trainable) for n in order],
-        session_params=session_params, bn_updates=bn_updates, bn_variance=bn_variance, footprint=footprint,
-        files={k: file_ref(root, p) for k, p in files.items()},
-    )
+    return _Artifacts(files, bn_updates, order)
+
+
+def _footprint(model: BlockModel, g: StageGraphs, values: dict[str, torch.Tensor], order: list[str],
+               trainable: set[str], session_params: dict[str, list[str]], shapes: dict[str, list[int]],
+               train_acts: float) -> dict[str, float]:
+    """Element counts behind the analytic memory estimate (exporter/sizing.py)."""
+    numel = lambda n: int(torch.Size(shapes[n]).numel())  # noqa: E731
+    prefix_acts = _inspect(g.prefix, [values["inputs"]])[2] if g.prefix else 0.0
+    return {"params": sum(map(numel, order)), "trainable": sum(numel(n) for n in order if n in trainable),
+            "frozen_session_params": sum(numel(n) for k in ("prefix", "teacher") for n in session_params.get(k, [])),
+            "activations_per_sample": train_acts, "prefix_peak_activation_per_sample": prefix_acts,
+            "input_per_sample": float(torch.Size(model.input_shape).numel())}
 
 
 def _inspect(graph: torch.nn.Module, args: list) -> tuple[dict[str, list[float]], float, float]:

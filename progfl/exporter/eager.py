@@ -12,6 +12,7 @@ import torch
 
 from ..models.base import BlockModel
 from ..models.stages import NeuLiteWeights, StageSpec, build_stage
+from ..device_runtime.backend import ordered_inputs
 from .compile import OptimizerConfig
 
 
@@ -63,18 +64,17 @@ class EagerStage:
         return self.g.inference.eval()(self._t(x)).numpy()
 
     def accumulate(self, inputs: dict[str, np.ndarray]) -> float:
+        """inputs without loss_scale: the micro-batch is the whole batch. The graph has no decay term (weight_decay=0
+        above): its loss is loss_scale x data loss."""
         self.g.train.train()
-        args = [self._t(inputs[n]) for n in self.g.train.input_names()]
-        _, _, data_loss = self.g.train(*args)
-        data_loss.backward()
+        args = [self._t(a) for a in ordered_inputs(self.g.train.input_names(), inputs)]
+        loss, _, data_loss = self.g.train(*args)
+        loss.backward()
         return float(data_loss.detach())
 
-    def step(self, lr: float, accum_steps: int) -> None:
-        """Gradients summed over micro-batches, averaged here; then one optimizer step."""
+    def step(self, lr: float) -> None:
+        """Gradients summed over the micro-batches (each weighted by its share); one optimizer step."""
         for group in self.opt.param_groups:
             group["lr"] = lr
-            for p in group["params"]:
-                if p.grad is not None and accum_steps > 1:
-                    p.grad.div_(accum_steps)
         self.opt.step()
         self.opt.zero_grad(set_to_none=False)

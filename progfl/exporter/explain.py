@@ -19,23 +19,30 @@ def _output_module(manifest: Manifest) -> str:
 
 
 def explain(manifest: Manifest) -> str:
-    batches = sorted({m.batch for s in manifest.stages for m in s.memory})
-    head = ["stage", "trainable"] + [f"peak@{b} MB (est)" for b in batches] + [c.name for c in manifest.device_classes]
+    """One row per stage and backend: measured (estimated) peaks on the exporter's machine, and the sizing of each
+    device class that trains with that backend (classes sized by a board's profile say so below the table)."""
+    batches = sorted({m.batch for s in manifest.stages for m in s.memory if m.source == "export"})
+    backends = [b for b in manifest.backends if any(m.backend == b for s in manifest.stages for m in s.memory)]
+    classes = manifest.device_classes
+    head = ["stage", "backend", "trainable"] + [f"peak@{b} MB (est)" for b in batches] + [c.name for c in classes]
     rows = []
     for s in manifest.stages:
-        mem = {m.batch: m for m in s.memory}
-        n = s.footprint['trainable']
-        cells = [s.name, f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"]
-        for b in batches:
-            m = mem.get(b)
-            measured = f"{m.measured_mb:.0f}" if m and m.measured_mb is not None else "?"
-            cells.append(f"{measured} ({m.estimate_mb:.0f})" if m else "")
-        cells += [_cell(s.sizing_for(c.name)) for c in manifest.device_classes]
-        rows.append(cells)
+        for backend in backends:
+            mem = {m.batch: m for m in s.memory if m.backend == backend and m.source == "export"}
+            n = s.footprint['trainable']
+            cells = [s.name, backend, f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"]
+            for b in batches:
+                m = mem.get(b)
+                measured = f"{m.measured_mb:.0f}" if m and m.measured_mb is not None else "?"
+                cells.append(f"{measured} ({m.estimate_mb:.0f})" if m else "")
+            cells += [_cell(s.sizing_for(c.name)) if c.backend == backend else "" for c in classes]
+            rows.append(cells)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    profiled = [f"{c.name} is sized by its board's profile" for c in classes if c.profile]
     legend = (f"\nmodel {manifest.model}, logical batch {manifest.batch_size}, safety margin "
-              f"{manifest.safety_margin:.0%}. Device cells: micro-batch (x accumulation steps); '-' cannot take part.\n"
-              + "budgets: " + ", ".join(f"{c.name}={c.memory_mb:g} MB" for c in manifest.device_classes)
-              + "\n" + _output_module(manifest))
+              f"{manifest.safety_margin:.0%}; 1 MB = 2^20 bytes. Device cells: micro-batch (x accumulation steps) on "
+              "the class's backend row; '-' cannot take part.\n"
+              + "budgets: " + ", ".join(f"{c.name}={c.memory_mb:g} MB ({c.backend})" for c in classes)
+              + "".join(f"\n{p}" for p in profiled) + "\n" + _output_module(manifest))
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)]) + "\n" + legend

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import DeviceClass, Manifest, ParamSpec, file_ref
+from ..manifest import BACKENDS, DeviceClass, Manifest, ParamSpec, file_ref
 from ..models.base import BlockModel
 from ..models.stages import NeuLiteWeights, StageSpec, default_stages
 from . import output_module as om
@@ -49,10 +49,13 @@ def export_model(
     measure_batches: list[int] | None = None,
     progress: Callable[[str], None] | None = None,
     output_module: str = "auto",
+    backends: tuple[str, ...] = ("ort", "torch"),
 ) -> Manifest:
     """Export every stage of `model` into `out`. output_module: linear, conv, light, or auto (see output_module.py):
     the kind of basic layer the output modules use. The model's basic layers are switched (freshly initialised) in
-    place when the chosen kind differs from its own; the manifest records the kind and why it was chosen."""
+    place when the chosen kind differs from its own; the manifest records the kind and why it was chosen.
+    backends: ort (always: the server evaluates with it) and torch (TorchScript files for boards without ONNX Runtime
+    training; their peaks measured with torch)."""
     out = Path(out)
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
@@ -60,6 +63,7 @@ def export_model(
         raise ExportError("batch size must be >= 1 and the safety margin in [0, 1)")
     if output_module not in om.CHOICES:
         raise ExportError(f"unknown output module {output_module!r}: use {', '.join(om.CHOICES)}")
+    backends = check_backends(backends, device_classes)
     check_output_folder(out)
     specs = default_stages(model.T, kinds)
     optimizer, neulite = optimizer or OptimizerConfig(), neulite or NeuLiteWeights()
@@ -74,8 +78,8 @@ def export_model(
             say(f"output module: {choice.kind}")
             model.set_output_modules(choice.kind)
             manifest = compile_all(model, specs, tmp, opset, batch_size, safety_margin, device_classes,
-                                   optimizer, neulite, say)
-            fill_memory(manifest, tmp, batches, measure, progress)
+                                   optimizer, neulite, say, backends)
+            fill_memory(manifest, tmp, batches, measure, progress, backends)
             if not recheck_peaks(choice, fits, manifest):
                 break
             say(f"output module {choice.tried[-1][0]} breaks the peak rule "
@@ -94,6 +98,20 @@ def export_model(
         model.basics, model.config = own
         raise
     return manifest
+
+
+def check_backends(backends: tuple[str, ...], device_classes: list[DeviceClass]) -> tuple[str, ...]:
+    """ort always (the server evaluates with it); torch on request; every device class's backend among them."""
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ExportError(f"unknown backend(s) {sorted(unknown)}: use {', '.join(BACKENDS)}")
+    if "ort" not in backends:
+        raise ExportError("backends must include ort: the server evaluates every stage with ONNX Runtime")
+    for c in device_classes:
+        if c.backend not in backends:
+            raise ExportError(f"device class {c.name} trains with {c.backend}, which is not among the backends "
+                              f"exported ({', '.join(backends)})")
+    return tuple(b for b in BACKENDS if b in backends)
 
 
 def choose_by_parameters(model: BlockModel, specs: list[StageSpec], requested: str) -> tuple[om.Choice, list[str]]:
@@ -133,12 +151,12 @@ def _fresh_folder(tmp: Path) -> None:
 
 def compile_all(model: BlockModel, specs: list[StageSpec], tmp: Path, opset: int, batch_size: int,
                 safety_margin: float, device_classes: list[DeviceClass], optimizer: OptimizerConfig,
-                neulite: NeuLiteWeights, say: Callable[[str], None]) -> Manifest:
+                neulite: NeuLiteWeights, say: Callable[[str], None], backends: tuple[str, ...] = ("ort",)) -> Manifest:
     """Every stage compiled into `tmp`, the manifest and the initial weights written (the probe reads them)."""
     stages = []
     for i, spec in enumerate(specs):
         say(f"compiling stage {i} {spec.name}")
-        stages.append(compile_stage(model, spec, i, tmp, opset, optimizer, neulite))
+        stages.append(compile_stage(model, spec, i, tmp, opset, optimizer, neulite, backends=backends))
     manifest = Manifest(
         model=model.name, model_config=dict(model.config), input_shape=list(model.input_shape),
         num_classes=model.num_classes, opset=opset, batch_size=batch_size, safety_margin=safety_margin,
@@ -157,5 +175,5 @@ def check_device_classes(manifest: Manifest) -> None:
     for c in manifest.device_classes:
         if not any(s.sizing_for(c.name).fits for s in manifest.stages):
             need = min(s.sizing_for(c.name).peak_mb for s in manifest.stages)
-            raise ExportError(f"device class {c.name} ({c.memory_mb:g} MB) is below the smallest stage "
+            raise ExportError(f"device class {c.name} ({c.memory_mb:g} MB, {c.backend}) is below the smallest stage "
                               f"({need:g} MB at micro-batch 1 plus a {manifest.safety_margin:.0%} margin)")

@@ -89,15 +89,15 @@ def largest_count(model: BlockModel, specs: list[StageSpec]) -> tuple[str, int, 
 
 
 def peak_breaks(manifest: Manifest, kinds: tuple[str, ...] = PEAK_RULED_KINDS) -> list[RuleBreak]:
-    """Stages of `kinds` whose measured peak is above full's at the same micro-batch (beyond measurement noise).
-    Empty when the export has no `full` stage or measured nothing."""
+    """Stages of `kinds` whose measured peak is above full's at the same micro-batch and backend (beyond measurement
+    noise). Empty when the export has no `full` stage or measured nothing."""
     full = _full_peaks(manifest)
     out = []
     for s in manifest.stages:
         if s.kind not in kinds:
             continue
         for m in s.memory:
-            ref = full.get(m.batch)
+            ref = full.get((m.backend, m.batch))
             if ref is not None and m.measured_mb is not None and m.measured_mb > ref + peak_tolerance(ref):
                 out.append(RuleBreak(s.name, m.measured_mb, ref, m.batch))
     return out
@@ -107,23 +107,26 @@ def peak_tolerance(full_mb: float) -> float:
     return max(PEAK_TOLERANCE_MB, PEAK_TOLERANCE_SHARE * full_mb)
 
 
-def _full_peaks(manifest: Manifest) -> dict[int, float]:
+def _full_peaks(manifest: Manifest) -> dict[tuple[str, int], float]:
+    """(backend, micro-batch) -> full-model training's peak measured by the exporter."""
     for s in manifest.stages:
         if s.kind == "full":
-            return {m.batch: m.measured_mb for m in s.memory if m.measured_mb is not None}
+            return {(m.backend, m.batch): m.measured_mb for m in s.memory
+                    if m.measured_mb is not None and m.source == "export"}
     return {}
 
 
-def largest_peak_share(manifest: Manifest) -> tuple[str, int, float, float] | None:
-    """(stage, micro-batch, peak, full's peak) of the grow stage closest to full's peak, or None."""
+def largest_peak_share(manifest: Manifest) -> tuple[str, int, float, float, str] | None:
+    """(stage, micro-batch, peak, full's peak, backend) of the grow stage closest to full's peak, or None."""
     full = _full_peaks(manifest)
-    rows = [(m.measured_mb / full[m.batch], s.name, m.batch, m.measured_mb, full[m.batch])
+    rows = [(m.measured_mb / full[m.backend, m.batch], s.name, m.batch, m.measured_mb, full[m.backend, m.batch],
+             m.backend)
             for s in manifest.stages if s.kind in PEAK_RULED_KINDS
-            for m in s.memory if m.measured_mb is not None and m.batch in full]
+            for m in s.memory if m.measured_mb is not None and (m.backend, m.batch) in full]
     if not rows:
         return None
-    _, name, b, peak, ref = max(rows)
-    return name, b, peak, ref
+    _, name, b, peak, ref, backend = max(rows)
+    return name, b, peak, ref, backend
 
 
 def suggestion(kind: str, fits: list[str]) -> str:
@@ -161,7 +164,7 @@ class Choice:
                          f"(largest: {big[0]} with {big[1]:,}{extra})")
         peak = largest_peak_share(manifest) if manifest is not None else None
         if peak:
-            lines.append(f"peaks: no grow stage peaks above full-model training (closest: {peak[0]} "
+            lines.append(f"peaks: no grow stage peaks above full-model training (closest: {peak[0]} on {peak[4]}, "
                          f"{peak[2]:.1f} MB vs {peak[3]:.1f} MB at micro-batch {peak[1]}; noise allowance "
                          f"{peak_tolerance(peak[3]):.1f} MB)")
         else:

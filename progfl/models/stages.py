@@ -3,7 +3,7 @@
 A stage becomes up to four torch graphs, each a root module whose parameter names are the global
 names (so exported ONNX initializers carry them and weights move by name):
   prefix     x -> features           frozen blocks, eval mode (a separate ORT inference session)
-  train      (features, ...) -> (loss, logits, data_loss)   the trainable part with its loss
+  train      (features, ..., loss_scale) -> (loss, logits, data_loss)   the trainable part with its loss
   inference  x -> logits             the whole model as this stage sees it, eval mode (server accuracy)
   teacher    features -> logits      the real block + output module (ProFL's distillation target)
 """
@@ -121,7 +121,13 @@ class PrefixGraph(Mirror):
 
 
 class TrainGraph(Mirror):
-    """The trainable part of a stage and its loss. Inputs: features, [inputs (raw x) | teacher], labels."""
+    """The trainable part of a stage and its loss. Inputs: features, [inputs (raw x) | teacher], labels, loss_scale.
+
+    loss_scale is the micro-batch's share of its logical batch (size / batch size): the gradients the runtime sums over
+    the micro-batches are then exactly the logical batch's mean gradient (plus weight decay once), whatever the split,
+    and the optimizer steps at the plan's learning rate. Dividing the learning rate by the number of micro-batches
+    instead is wrong under momentum when that number changes (a short last batch rescales the whole momentum history
+    in ORT's formulation) or when micro-batches differ in size."""
 
     def __init__(self, model: BlockModel, spec: StageSpec, weight_decay: float, neulite: NeuLiteWeights):
         t, T = spec.block, model.T
@@ -146,13 +152,14 @@ class TrainGraph(Mirror):
 
     def input_names(self) -> list[str]:
         extra = {"distill": ["teacher"], "neulite": ["inputs", "labels"] if self.uses_raw_input else ["labels"]}
-        return ["features", *extra.get(self.spec.kind, ["labels"])]
+        return ["features", *extra.get(self.spec.kind, ["labels"]), "loss_scale"]
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         frozen = tuple(p + "." for p in self.frozen_in_graph)
         return [(n, p) for n, p in self.named_parameters() if not n.startswith(frozen)]
 
     def forward(self, features: torch.Tensor, *rest: torch.Tensor):
+        *rest, scale = rest
         m, t, kind = self.m, self.spec.block, self.spec.kind
         if kind == "full":
             h = m.run_blocks(features, 0, m.T)
@@ -178,7 +185,7 @@ class TrainGraph(Mirror):
                     - self.l2 * nhsic(m.projector(z), one_hot(labels, m.num_classes), self.sigma)
                 )
         penalty = l2_penalty([p for _, p in self.trainable_parameters()], self.weight_decay)
-        return data_loss + penalty, logits, data_loss
+        return (data_loss + penalty) * scale, logits, data_loss
 
 
 class InferenceGraph(Mirror):

@@ -108,7 +108,8 @@ def query_devices(grid: Grid, manifest: Manifest, min_nodes: int, timeout: float
         did = int(c["device-id"]) if "device-id" in c else i
         if did in node_of:
             raise ValueError(f"two nodes claim device id {did}")
-        devices.append(DeviceInfo(did, float(c["memory-mb"]), int(c["num-samples"]), np.asarray(c["label-hist"])))
+        devices.append(DeviceInfo(did, float(c["memory-mb"]), int(c["num-samples"]), np.asarray(c["label-hist"]),
+                                  backend=str(c.get("backend", "ort"))))
         node_of[did] = n
         held[n] = set(c.get("held", []))
     devices.sort(key=lambda d: d.id)
@@ -137,9 +138,9 @@ class ProgflStrategy(Strategy):
         log(INFO, "\t├── progfl plan %s, %d devices, %d stages", self.plan.name, len(self.devices),
             len(self.plan.manifest.stages))
 
-    def _files(self, stage: str) -> tuple[ArrayRecord, ConfigRecord]:
+    def _files(self, stage: str, backend: str) -> tuple[ArrayRecord, ConfigRecord]:
         arrays, meta = {}, {}
-        for rel, path in stage_files(self.artifacts, self.plan.manifest, stage).items():
+        for rel, path in stage_files(self.artifacts, self.plan.manifest, stage, backend).items():
             data = path.read_bytes()
             arrays[rel] = Array(np.frombuffer(data, np.uint8))
             meta[rel] = hashlib.sha256(data).hexdigest()
@@ -155,15 +156,16 @@ class ProgflStrategy(Strategy):
         tasks = self.plan.configure_train(self.state, self.devices, rng)
         self.state.rng = rng.bit_generator.state
         stage = self.plan.stage(self.state).name
-        files = None
+        files: dict[str, tuple[ArrayRecord, ConfigRecord]] = {}  # per backend, read once a round
         messages = []
         for d, task in tasks:
             task.manifest_sha256 = self.manifest_sha
             node = self.node_of[d.id]
             content = task_to_content(task)
             if held_key(self.manifest_sha, stage) not in self.held[node]:
-                files = files or self._files(stage)
-                content["files"], content["files-meta"] = files
+                if d.backend not in files:
+                    files[d.backend] = self._files(stage, d.backend)
+                content["files"], content["files-meta"] = files[d.backend]
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
         self._round = {"t0": t0, "stage": stage, "eligible": eligible, "sent": {d.id: task for d, task in tasks}}

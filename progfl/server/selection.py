@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from progfl.manifest import Stage, size_stage
+from progfl.manifest import Sizing, Stage, size_stage
 
 
 @dataclass
@@ -19,6 +19,10 @@ class DeviceInfo:
     num_samples: int
     label_hist: np.ndarray  # sample count per class
     speed: float = 1.0
+    backend: str = "ort"  # what it trains with: its stages are sized by that backend's peaks
+
+    def sizing(self, stage: Stage, batch: int, margin: float) -> Sizing:
+        return size_stage(stage, self.budget_mb, batch, margin, backend=self.backend)
 
 
 class Selector(Protocol):
@@ -29,7 +33,7 @@ class Selector(Protocol):
 
 def eligible(devices: list[DeviceInfo], stage: Stage, batch: int, margin: float) -> list[DeviceInfo]:
     """Devices whose budget holds the stage at some micro-batch: no one is handed what it cannot run."""
-    return [d for d in devices if size_stage(stage, d.budget_mb, batch, margin).fits]
+    return [d for d in devices if d.sizing(stage, batch, margin).fits]
 
 
 class UniformSelector:
@@ -72,7 +76,7 @@ class SmartFreezeSelector:
     def scores(self, pool: list[DeviceInfo], stage: Stage, batch: int, margin: float) -> np.ndarray:
         """score_d of each device of an eligible pool, in pool order."""
         floor = 1e-3
-        sizing = [size_stage(stage, d.budget_mb, batch, margin) for d in pool]
+        sizing = [d.sizing(stage, batch, margin) for d in pool]
         head = np.array([1.0 - (z.peak_mb or 0.0) / d.budget_mb for z, d in zip(sizing, pool)])
         n = np.array([d.num_samples for d in pool], np.float64)
         share = n / n.mean() if n.mean() > 0 else np.ones(len(pool))

@@ -135,7 +135,7 @@ class Plan(ABC):
         tasks = []
         for d in sorted(chosen, key=lambda d: d.id):
             if phase.memory:
-                z = size_stage(stage, d.budget_mb, m.batch_size, m.safety_margin)
+                z = d.sizing(stage, m.batch_size, m.safety_margin)
                 micro, accum = z.micro_batch, z.accum_steps
             else:
                 micro, accum = m.batch_size, 1
