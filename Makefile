@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.progfl-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench arm-check clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,5 +22,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/stage_memory.py
 	$(PY) benchmarks/device_step.py
 
+# The device runtime on an emulated Raspberry Pi 4 and 5 (qemu user mode, Debian's arm64 python, PyPI's aarch64
+# wheels; all cached in .arm/, nothing installed system-wide). About 8 minutes the first time, 5 after.
+arm-check: $(STAMP)
+	tools/armpi/build.sh .arm
+	$(PY) tools/armpi/arm_check.py .arm
+
 clean:
-	rm -rf $(VENV) runs benchmarks/out
+	rm -rf $(VENV) runs benchmarks/out .arm

@@ -79,7 +79,7 @@ def ensure_export(settings: Settings, out: Path, log=print) -> Path:
     t0 = time.perf_counter()
     log(f"exporting {settings.tag} into {folder} ...")
     export_model(build(settings), folder, [DeviceClass("bench", 1 << 20)], kinds=settings.kinds,
-                 batch_size=max(settings.batches), measure=False, progress=lambda m: log("  " + m))
+                 batch_size=max(settings.batches), measure=False, progress=lambda m: log("  " + m), backends=("ort",))
     write_json(key_file, key)
     log(f"export took {time.perf_counter() - t0:.0f} s")
     return folder

@@ -66,6 +66,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         raise
 
 
+def read_json(path: Path, missing: str) -> Any:
+    """A JSON file that crossed a boundary (a manifest, a board's profile): missing or malformed is one clear error."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+
+
 @dataclass
 class FileRef:
     """A file (or checkpoint folder) of a stage, relative to the manifest's folder."""
@@ -258,12 +268,7 @@ class Manifest:
         path = Path(folder)
         if path.is_dir():
             path = path / MANIFEST_NAME
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ManifestError(f"{path}: no manifest (run `progfl export` first)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, "no manifest (run `progfl export` first)")
         if not isinstance(d, dict):
             raise ManifestError(f"{path}: not a manifest object")
         return cls.from_dict(d)

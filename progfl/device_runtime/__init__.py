@@ -1,14 +1,16 @@
-"""The device side: trains one stage on local data within a memory budget. numpy + onnxruntime-training only,
-never torch. Nothing is imported here, so reading a shard (`shard`) does not load ONNX Runtime.
+"""The device side: trains one stage on local data within a memory budget, with numpy + onnxruntime-training (never
+torch) or, on boards without ORT training (ARM), with torch. Nothing is imported here, so reading a shard (`shard`)
+loads neither engine.
 
-    device     Device: artifacts + local shard + budget; trains whatever stage a task names
+    device     Device: artifacts + local shard + budget + backend; trains whatever stage a task names
     trainer    train_round: one local round, streamed a micro-batch at a time (LocalData)
     shard      Shard: the local data file (.npz), validated and read by row; read_shard for whole files
     rows       RowReader, write_rows/open_rows: on-disk rows read into reused buffers
     cache      FeatureCache: the frozen prefix's outputs on disk, kept between rounds
-    backend    StageBackend (what an engine provides), RuntimeOptions
+    backend    StageBackend (what an engine provides), resolve_backend/open_stage, RuntimeOptions
     ort_backend, ort   the ONNX Runtime engine (and the torch-free import of its training API)
-    probe      measure_stage/run_probe: a stage's peak memory and step time (`progfl device profile`)
+    torch_backend      the PyTorch engine (TorchScript files; for Raspberry Pi and Jetson)
+    probe      measure_stage/run_probe: a stage's peak memory and step time; make_profile (`progfl device profile`)
     memory     PhasePeak: peak RSS per phase
     flower     the Flower ClientApp (needs flwr)
 """

@@ -7,14 +7,13 @@ x86 one), so a class sized from the x86 table can be refused work it could do or
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from ..device_runtime.probe import PROFILE_VERSION
-from ..manifest import BACKENDS, DeviceClass, Manifest, ManifestError, MemoryPoint
+from ..manifest import BACKENDS, DeviceClass, Manifest, ManifestError, MemoryPoint, read_json
 from .explain import explain
 from .sizing import estimate, fill_sizing
 
@@ -22,14 +21,10 @@ from .sizing import estimate, fill_sizing
 def read_profile(path: str | os.PathLike) -> dict[str, Any]:
     """A profile file, checked field by field (it crosses from a device)."""
     p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{p}: no such profile") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: not JSON ({e})") from None
+    d = read_json(p, "no such profile")
     if not isinstance(d, dict) or d.get("progfl_profile") != PROFILE_VERSION:
-        raise ValueError(f"{p}: not a progfl profile (version {PROFILE_VERSION}): write it with `progfl device profile --out`")
+        raise ValueError(f"{p}: not a progfl profile (version {PROFILE_VERSION}): "
+                         "write it with `progfl device profile --out`")
     if d.get("backend") not in BACKENDS or not isinstance(d.get("files_digest"), str):
         raise ValueError(f"{p}: profile names no known backend or no files digest")
     rows = d.get("results")
