@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.progfl-installed
 
-.PHONY: demo test bench arm-check clean
+.PHONY: demo test bench arm-check executorch-check clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,5 +28,12 @@ arm-check: $(STAMP)
 	tools/armpi/build.sh .arm
 	$(PY) tools/armpi/arm_check.py .arm
 
+# EXPERIMENTAL ExecuTorch backend: its own venv (.et-venv, ~1.5 GB: executorch pulls torchao, coremltools, ...),
+# exports with --backends ort,torch,executorch, parity with the torch backend, step time and peak against ORT and
+# torch; writes benchmarks/results/executorch.md.
+executorch-check:
+	tools/executorch/setup.sh .et-venv
+	PYTHONPATH=$(CURDIR) .et-venv/bin/python tools/executorch/check.py
+
 clean:
-	rm -rf $(VENV) runs benchmarks/out .arm
+	rm -rf $(VENV) runs benchmarks/out .arm .et-venv

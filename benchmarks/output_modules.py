@@ -131,7 +131,7 @@ def fmt_n(n: int) -> str:
 
 def markdown(res: dict) -> str:
     cfg = res["settings"]
-    out = [f"# Output modules: linear vs conv vs light basic layers\n",
+    out = ["# Output modules: linear vs conv vs light basic layers\n",
            f"MNIST-5k (4,000 train / 1,000 test), grow-0 and full trained centrally with torch eager: SGD lr "
            f"{cfg['lr']}, momentum 0.9, weight decay 5e-4, batch 32, {cfg['steps']} steps, seeds {cfg['seeds']}. "
            f"Peaks: ONNX Runtime export, torch-free probe per stage, micro-batch {cfg['batch']}, 1 MB = 2^20 bytes. "

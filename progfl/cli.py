@@ -66,7 +66,8 @@ def main() -> None:
               show_default=True, help="Basic layers of the output modules. auto: the default kind, or a cheaper one when "
                                       "a stage would train more parameters or peak higher than full-model training.")
 @click.option("--backends", default="ort,torch", show_default=True,
-              help="Device backends to write files for: ort (always) and torch (TorchScript, for ARM boards).")
+              help="Device backends to write files for: ort (always), torch (TorchScript, for ARM boards), executorch "
+                   "(experimental: .pte programs for the stages ExecuTorch 1.5.1 trains correctly; needs torch).")
 @click.option("--explain", is_flag=True, help="Print the memory and device-sizing table.")
 @user_errors
 def export(model_name, out, num_classes, input_shape, norm, width, stages, opset, batch_size, optimizer, momentum,
@@ -82,7 +83,8 @@ def export(model_name, out, num_classes, input_shape, norm, width, stages, opset
 
     check_output_folder(Path(out))  # before the model is built: fail fast on the cheapest mistake
     classes = load_device_classes(devices)
-    check_backends(tuple(b.strip() for b in backends.split(",") if b.strip()), classes)
+    check_backends(tuple(b.strip() for b in backends.split(",") if b.strip()), classes,
+                   OptimizerConfig(optimizer, momentum, weight_decay))
     model = load_model(model_name, num_classes, tuple(_ints(input_shape, "--input-shape")), norm, width, seed)
     manifest = export_model(
         model, out, classes, kinds=tuple(k.strip() for k in stages.split(",") if k.strip()), opset=opset,
@@ -283,8 +285,9 @@ def device() -> None:
 
 
 def _backend_option(fn):
-    return click.option("--backend", type=click.Choice(["auto", "ort", "torch"]), default="auto", show_default=True,
-                        help="auto: ONNX Runtime training where installed, else torch (ARM boards).")(fn)
+    return click.option("--backend", type=click.Choice(["auto", "ort", "torch", "executorch"]), default="auto",
+                        show_default=True, help="auto: ONNX Runtime training where installed, else torch (ARM "
+                                                "boards); executorch: experimental, only when asked for.")(fn)
 
 
 @device.command("train")
@@ -365,13 +368,14 @@ def device_profile(artifacts, batches, steps, threads, only, out, backend) -> No
     if not sizes or min(sizes) < 1 or steps < 1:
         raise click.BadParameter("--batches must be positive integers and --steps >= 1")
     stages = [manifest.stage(n.strip()) for n in only.split(",")] if only else manifest.stages
+    stages = [s for s in stages if s.has_backend(backend)]  # executorch: the stages it can train
     rows = []
     for s in stages:
         for b in sizes:
             r = run_probe(artifacts, s.name, b, steps, threads, backend)
             rows.append(r)
             click.echo(f"{s.name:<12} {backend} batch {b:>3}: peak {r['peak_mb']:7.1f} MB  step {r['step_ms']:8.1f} ms")
-    engine = {"ort": "onnxruntime-training-cpu", "torch": "torch"}[backend]
+    engine = {"ort": "onnxruntime-training-cpu", "torch": "torch", "executorch": "executorch"}[backend]
     try:
         engine_version = importlib.metadata.version(engine)
     except importlib.metadata.PackageNotFoundError:  # a source build of the engine

@@ -21,8 +21,11 @@ import numpy as np
 SCHEMA_VERSION = 2  # 2: backends (torch files, per-backend memory points, device classes' backend and profile) and
 # the training graphs' loss_scale input (version-1 graphs lack it: export again)
 MANIFEST_NAME = "manifest.json"
-BACKENDS = ("ort", "torch")  # what a device trains with: ONNX Runtime training, or PyTorch (boards without ORT)
-TORCH_PREFIX = "torch."  # stage file kinds of the torch backend: torch.training, torch.prefix, torch.teacher, ...
+# What a device trains with: ONNX Runtime training; PyTorch (boards without ORT); ExecuTorch (EXPERIMENTAL: 1.5.1,
+# the stages it trains correctly only). A stage's files of backend b other than ORT have kinds "b.<kind>"
+# (torch.training, torch.prefix, executorch.training, ...).
+BACKENDS = ("ort", "torch", "executorch")
+EXECUTORCH_PIN = "1.5.1"  # the ExecuTorch version its programs and refusals were checked against
 STAGE_KINDS = ("grow", "distill", "neulite", "full")
 LOSSES = ("ce", "neulite", "mse")
 
@@ -162,17 +165,22 @@ class Stage:
     memory: list[MemoryPoint] = field(default_factory=list)
     sizing: list[Sizing] = field(default_factory=list)
 
+    def has_backend(self, backend: str) -> bool:
+        return backend == "ort" or any(k.startswith(backend + ".") for k in self.files)
+
     def backend_files(self, backend: str) -> dict[str, FileRef]:
-        """The files a device training with `backend` needs, by ORT's kind names (prefix, training, ...; the torch
-        backend's train graph is `training`)."""
+        """The files of `backend` by ORT's kind names (prefix, training, ...): the torch backend's train graph is
+        `training`. The executorch backend's own file is its training program; it runs the rest from torch's."""
+        if backend not in BACKENDS:
+            raise ManifestError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
         if backend == "ort":
-            return {k: f for k, f in self.files.items() if not k.startswith(TORCH_PREFIX)}
-        if backend == "torch":
-            out = {k[len(TORCH_PREFIX):]: f for k, f in self.files.items() if k.startswith(TORCH_PREFIX)}
-            if not out:
-                raise ManifestError(f"stage {self.name} has no torch files: export with --backends ort,torch")
-            return out
-        raise ManifestError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+            return {k: f for k, f in self.files.items() if "." not in k}
+        if not self.has_backend(backend):
+            why = " (ExecuTorch cannot train this stage: see the manifest's notes)" if backend == "executorch" else ""
+            raise ManifestError(f"stage {self.name} has no {backend} files{why}: export with --backends ort,torch"
+                                + (",executorch" if backend == "executorch" else ""))
+        own = {k[len(backend) + 1:]: f for k, f in self.files.items() if k.startswith(backend + ".")}
+        return {**self.backend_files("torch"), **own} if backend == "executorch" else own
 
     @property
     def trainable_names(self) -> list[str]:
@@ -304,9 +312,9 @@ class Manifest:
 
     @property
     def backends(self) -> list[str]:
-        """The backends every stage has files for (ORT always: the server evaluates with it)."""
-        torch_kinds = [{k for k in s.files if k.startswith(TORCH_PREFIX)} for s in self.stages]
-        return ["ort", "torch"] if self.stages and all(torch_kinds) else ["ort"]
+        """The backends exported: ORT always (the server evaluates with it), torch for every stage, executorch for the
+        stages it can train."""
+        return [b for b in BACKENDS if any(s.has_backend(b) for s in self.stages)]
 
     def files_digest(self, backend: str) -> str:
         """Identity of the files a `backend` device trains from (not of manifest.json, which sizing edits rewrite):
@@ -425,6 +433,8 @@ def size_stage(stage: Stage, budget_mb: float, batch: int, margin: float, device
                backend: str = "ort", source: str = "export") -> Sizing:
     """The largest micro-batch (batch, batch/2, ..., 1) whose peak stays under budget x (1 - margin); the
     logical batch is kept by accumulating ceil(batch / micro) micro-batches. fits=False: cannot take part."""
+    if not stage.has_backend(backend):  # ExecuTorch refused this stage at export
+        return Sizing(device_class, budget_mb, 0, 0, None, False)
     limit = budget_mb * (1.0 - margin)
     micro = batch
     while True:

@@ -1,7 +1,8 @@
 """What a device needs from a training engine, and which engine a device uses.
 
-Two backends implement StageBackend: ONNX Runtime training (ort_backend.py: torch-free, the default wherever
-onnxruntime-training installs) and PyTorch (torch_backend.py: for ARM boards, where no ORT training build exists).
+Three backends implement StageBackend: ONNX Runtime training (ort_backend.py: torch-free, the default wherever
+onnxruntime-training installs), PyTorch (torch_backend.py: for ARM boards, where no ORT training build exists) and,
+experimental, ExecuTorch (executorch_backend.py: only when asked for, for the stages it trains correctly).
 Each is imported only when chosen, so a device never loads the engine it does not use.
 """
 
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import BACKENDS, Manifest, ManifestError
+from ..manifest import BACKENDS, EXECUTORCH_PIN, Manifest, ManifestError
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
+AUTO = ("ort", "torch")  # what `auto` may pick, in order; executorch is experimental: only when asked for
 INSTALL = {"ort": "pip install onnxruntime-training-cpu==1.19.2 (x86_64, macOS, Windows; no Linux aarch64 build)",
-           "torch": "pip install torch (a Raspberry Pi 4 needs torch==2.9.1: see the README's ARM section)"}
+           "torch": "pip install torch (a Raspberry Pi 4 needs torch==2.9.1: see the README's ARM section)",
+           "executorch": f"pip install executorch=={EXECUTORCH_PIN} (experimental)"}
 
 
 @dataclass
@@ -105,16 +108,18 @@ def resolve_backend(name: str, manifest: Manifest) -> str:
     Errors name what to install or how to export."""
     if name not in BACKEND_CHOICES:
         raise ManifestError(f"unknown backend {name!r}: use {', '.join(BACKEND_CHOICES)}")
+    exported = [b for b in AUTO if b in manifest.backends]
     if name == "auto":
-        for b in manifest.backends:  # ort first
+        for b in exported:  # ort first
             if installed(b):
                 return b
         raise ManifestError("no training backend installed that these artifacts were exported for: "
-                            + "; or ".join(INSTALL[b] for b in manifest.backends))
+                            + "; or ".join(INSTALL[b] for b in exported))
     if not installed(name):
         raise ManifestError(f"backend {name} is not installed on this device: {INSTALL[name]}")
     if name not in manifest.backends:
-        raise ManifestError(f"these artifacts have no {name} files: export them with --backends ort,{name}")
+        with_torch = "ort,torch,executorch" if name == "executorch" else f"ort,{name}"
+        raise ManifestError(f"these artifacts have no {name} files: export them with --backends {with_torch}")
     return name
 
 
@@ -125,6 +130,10 @@ def open_stage(backend: str, folder: str | Path, manifest: Manifest, stage: str 
         from .torch_backend import TorchStage
 
         return TorchStage(folder, manifest, stage, options, verify)
+    if backend == "executorch":
+        from .executorch_backend import ExecuTorchStage
+
+        return ExecuTorchStage(folder, manifest, stage, options, verify)
     from .ort_backend import OrtStage
 
     return OrtStage(folder, manifest, stage, options, verify)

@@ -43,7 +43,9 @@ def _load(path: Path, what: str) -> torch.jit.ScriptModule:
 
 class TorchStage(StageBackend):
     def __init__(self, folder: str | Path, manifest: Manifest, stage: str | int,
-                 options: RuntimeOptions | None = None, verify: bool = True):
+                 options: RuntimeOptions | None = None, verify: bool = True, train_graph: bool = True):
+        """train_graph=False: only the eval graphs (prefix, teacher, inference), for a backend that trains the stage
+        with another engine (executorch_backend.py) and has no TorchScript train graph on the device."""
         self.folder, self.manifest = Path(folder), manifest
         self.stage = manifest.stage(stage)
         self.options = options or RuntimeOptions()
@@ -53,12 +55,15 @@ class TorchStage(StageBackend):
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         _simple_executor()
-        self.train_graph = _load(self.folder / self.files["training"].path, f"stage {self.stage.name}").train()
-        trainable = set(self.stage.trainable_names)
-        self._own = dict(self.train_graph.named_parameters())
-        for name, p in self._own.items():
-            p.requires_grad_(name in trainable)
-        self._params = [self._own[n] for n in self.stage.trainable_names]
+        self.train_graph = None
+        self._params: list[torch.Tensor] = []
+        if train_graph:
+            self.train_graph = _load(self.folder / self.files["training"].path, f"stage {self.stage.name}").train()
+            trainable = set(self.stage.trainable_names)
+            own = dict(self.train_graph.named_parameters())
+            for name, p in own.items():
+                p.requires_grad_(name in trainable)
+            self._params = [own[n] for n in self.stage.trainable_names]
         self._graphs: dict[str, torch.jit.ScriptModule] = {}  # prefix, teacher, inference: loaded when first used
         self._weights: dict[str, np.ndarray] = {}
         self._digests: dict[str, str] = {}
@@ -77,10 +82,11 @@ class TorchStage(StageBackend):
         check_arrays(arrays, needed, f"weights for stage {self.stage.name}")
         self._weights = {p.name: np.asarray(arrays[p.name], np.float32) for p in needed}
         self._digests.clear()
-        _copy_into(self.train_graph, self._weights)
-        self.optimizer = self._new_optimizer()
-        for p in self._params:
-            p.grad = None
+        if self.train_graph is not None:
+            _copy_into(self.train_graph, self._weights)
+            self.optimizer = self._new_optimizer()
+            for p in self._params:
+                p.grad = None
 
     def get_weights(self) -> dict[str, np.ndarray]:
         state = self.train_graph.state_dict()
@@ -111,7 +117,8 @@ class TorchStage(StageBackend):
         return self._run("teacher", features) if "teacher" in self.files else None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        self._weights.update(self.get_weights())
+        if self.train_graph is not None:
+            self._weights.update(self.get_weights())
         self._digests.pop("inference", None)
         return self._run("inference", x)
 

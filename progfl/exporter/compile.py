@@ -23,6 +23,7 @@ from ..manifest import ParamSpec, Stage, TensorSpec, file_ref
 from ..models.base import BlockModel
 from ..models.stages import NeuLiteWeights, StageGraphs, StageSpec, build_stage
 from .fixes import cap_ir_file, cap_ir_version, expose_bn_statistics, fix_eval_model, initializer_names, weights_as_inputs
+from .executorch_files import executorch_refusal, write_executorch_files
 from .torch_files import write_torch_files
 
 OPSETS = range(17, 22)  # generate_artifacts refuses 22+; older opsets lack ops the graphs use
@@ -125,9 +126,10 @@ class _Artifacts:
 
 def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, opset: int,
                   optimizer: OptimizerConfig, neulite: NeuLiteWeights, batch: int = 4,
-                  backends: tuple[str, ...] = ("ort",)) -> Stage:
-    """The stage's graphs (stages.py), example inputs, the inference files, the training artifacts, the torch files
-    when asked for, and the record that describes them."""
+                  backends: tuple[str, ...] = ("ort",), max_batch: int = 32, notes: list[str] | None = None) -> Stage:
+    """The stage's graphs (stages.py), example inputs, the inference files, the training artifacts, the torch and
+    executorch files when asked for, and the record that describes them. max_batch: the largest micro-batch (the
+    export's batch size) an ExecuTorch program takes; `notes` receives the line of a stage ExecuTorch cannot train."""
     model = _distinct_copy(model)
     shapes = {n: list(t.shape) for n, t in model.state_dict().items() if not n.endswith("num_batches_tracked")}
     g = build_stage(model, spec, optimizer.graph_weight_decay, neulite)
@@ -141,6 +143,12 @@ def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, op
     files.update(art.files)
     if "torch" in backends:
         files.update(write_torch_files(model, spec, neulite, values, folder))
+    if "executorch" in backends:
+        refusal = executorch_refusal(g)
+        if refusal is None:
+            files.update(write_executorch_files(model, spec, neulite, values, folder, max_batch))
+        elif notes is not None:
+            notes.append(f"executorch: {refusal}")
     trainable = {n for n, _ in g.train.trainable_parameters()}
     feature_shape = [-1, *values["features"].shape[1:]]
     specs = {"features": feature_shape, "inputs": [-1, *model.input_shape], "labels": [-1],

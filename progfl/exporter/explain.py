@@ -27,7 +27,7 @@ def explain(manifest: Manifest) -> str:
     head = ["stage", "backend", "trainable"] + [f"peak@{b} MB (est)" for b in batches] + [c.name for c in classes]
     rows = []
     for s in manifest.stages:
-        for backend in backends:
+        for backend in (b for b in backends if s.has_backend(b)):
             mem = {m.batch: m for m in s.memory if m.backend == backend and m.source == "export"}
             n = s.footprint['trainable']
             cells = [s.name, backend, f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"]

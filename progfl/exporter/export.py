@@ -6,6 +6,7 @@ interrupted export leaves nothing behind.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import BACKENDS, DeviceClass, Manifest, ParamSpec, file_ref
+from ..manifest import BACKENDS, EXECUTORCH_PIN, DeviceClass, Manifest, ParamSpec, file_ref
 from ..models.base import BlockModel
 from ..models.stages import NeuLiteWeights, StageSpec, default_stages
 from . import output_module as om
@@ -54,8 +55,9 @@ def export_model(
     """Export every stage of `model` into `out`. output_module: linear, conv, light, or auto (see output_module.py):
     the kind of basic layer the output modules use. The model's basic layers are switched (freshly initialised) in
     place when the chosen kind differs from its own; the manifest records the kind and why it was chosen.
-    backends: ort (always: the server evaluates with it) and torch (TorchScript files for boards without ONNX Runtime
-    training; their peaks measured with torch)."""
+    backends: ort (always: the server evaluates with it), torch (TorchScript files for boards without ONNX Runtime
+    training; their peaks measured with torch) and executorch (EXPERIMENTAL: ExecuTorch programs for the stages it
+    trains correctly, the others named in the notes; needs torch's files and executorch installed)."""
     out = Path(out)
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
@@ -63,10 +65,10 @@ def export_model(
         raise ExportError("batch size must be >= 1 and the safety margin in [0, 1)")
     if output_module not in om.CHOICES:
         raise ExportError(f"unknown output module {output_module!r}: use {', '.join(om.CHOICES)}")
-    backends = check_backends(backends, device_classes)
+    optimizer, neulite = optimizer or OptimizerConfig(), neulite or NeuLiteWeights()
+    backends = check_backends(backends, device_classes, optimizer)
     check_output_folder(out)
     specs = default_stages(model.T, kinds)
-    optimizer, neulite = optimizer or OptimizerConfig(), neulite or NeuLiteWeights()
     batches = sorted(set(measure_batches or [max(1, batch_size // 4), batch_size]))
     say = progress or (lambda _m: None)
     choice, fits = choose_by_parameters(model, specs, output_module)
@@ -84,7 +86,7 @@ def export_model(
                 break
             say(f"output module {choice.tried[-1][0]} breaks the peak rule "
                 f"({choice.tried[-1][1][0].describe()}): exporting again with {choice.kind}")
-        manifest.notes = choice.notes(model, specs, manifest, measure)
+        manifest.notes = choice.notes(model, specs, manifest, measure) + manifest.notes  # + executorch refusals
         for line in manifest.notes:
             say(line)
         fill_sizing(manifest)
@@ -100,13 +102,24 @@ def export_model(
     return manifest
 
 
-def check_backends(backends: tuple[str, ...], device_classes: list[DeviceClass]) -> tuple[str, ...]:
-    """ort always (the server evaluates with it); torch on request; every device class's backend among them."""
+def check_backends(backends: tuple[str, ...], device_classes: list[DeviceClass],
+                   optimizer: OptimizerConfig | None = None) -> tuple[str, ...]:
+    """ort always (the server evaluates with it); torch and executorch on request (executorch runs its frozen parts
+    from torch's files, has SGD only, and must be installed here to write its programs); every device class's backend
+    among them."""
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ExportError(f"unknown backend(s) {sorted(unknown)}: use {', '.join(BACKENDS)}")
     if "ort" not in backends:
         raise ExportError("backends must include ort: the server evaluates every stage with ONNX Runtime")
+    if "executorch" in backends:
+        if "torch" not in backends:
+            raise ExportError("the executorch backend runs the frozen prefix from torch's files: use --backends "
+                              "ort,torch,executorch")
+        if optimizer is not None and optimizer.name != "sgd":
+            raise ExportError(f"the executorch backend has SGD only (ExecuTorch {EXECUTORCH_PIN}): use --optimizer sgd")
+        if importlib.util.find_spec("executorch") is None:
+            raise ExportError(f"writing ExecuTorch programs needs ExecuTorch here: pip install executorch=={EXECUTORCH_PIN}")
     for c in device_classes:
         if c.backend not in backends:
             raise ExportError(f"device class {c.name} trains with {c.backend}, which is not among the backends "
@@ -153,14 +166,15 @@ def compile_all(model: BlockModel, specs: list[StageSpec], tmp: Path, opset: int
                 safety_margin: float, device_classes: list[DeviceClass], optimizer: OptimizerConfig,
                 neulite: NeuLiteWeights, say: Callable[[str], None], backends: tuple[str, ...] = ("ort",)) -> Manifest:
     """Every stage compiled into `tmp`, the manifest and the initial weights written (the probe reads them)."""
-    stages = []
+    stages, notes = [], []
     for i, spec in enumerate(specs):
         say(f"compiling stage {i} {spec.name}")
-        stages.append(compile_stage(model, spec, i, tmp, opset, optimizer, neulite, backends=backends))
+        stages.append(compile_stage(model, spec, i, tmp, opset, optimizer, neulite, backends=backends,
+                                    max_batch=batch_size, notes=notes))
     manifest = Manifest(
         model=model.name, model_config=dict(model.config), input_shape=list(model.input_shape),
         num_classes=model.num_classes, opset=opset, batch_size=batch_size, safety_margin=safety_margin,
-        stages=stages, device_classes=device_classes,
+        stages=stages, device_classes=device_classes, notes=notes,
         global_params=[ParamSpec(n, list(t.shape), not n.endswith(("running_mean", "running_var")))
                        for n, t in model.state_dict().items() if not n.endswith("num_batches_tracked")],
     )

@@ -49,7 +49,7 @@ def apply_profile(manifest: Manifest, profile: dict[str, Any], class_name: str, 
     if profile["files_digest"] != manifest.files_digest(backend):
         raise ManifestError("the profile was measured on other artifacts (files digest differs): profile these ones")
     rows = {(r["stage"], r["batch"]): float(r["peak_mb"]) for r in profile["results"]}
-    names = {s.name for s in manifest.stages}
+    names = {s.name for s in manifest.stages if s.has_backend(backend)}
     unknown = sorted({st for st, _ in rows} - names)
     if unknown:
         raise ManifestError(f"the profile names stages these artifacts do not have: {', '.join(unknown)}")

@@ -11,14 +11,15 @@ from pathlib import Path
 from ..manifest import BACKENDS, DeviceClass, Manifest, MemoryPoint, Stage, size_stage
 
 # The process after import, x86_64: python + numpy + onnxruntime (~52 MB) + sessions (~8 MB); python + numpy + torch
-# (218-223 MB measured, toolchain notes).
-RUNTIME_BASELINE_MB = {"ort": 60.0, "torch": 220.0}
+# (218-223 MB measured, toolchain notes), which ExecuTorch's bindings import too.
+RUNTIME_BASELINE_MB = {"ort": 60.0, "torch": 220.0, "executorch": 220.0}
 _MB = 4 / 2**20  # float32 elements -> MB
 
 
 def _moments(stage: Stage, backend: str) -> int:
-    """Weight-sized optimizer buffers: ORT's AdamW kernel keeps two, also for SGD; torch's SGD one momentum buffer."""
-    if backend == "torch" and stage.optimizer["name"] == "sgd":
+    """Weight-sized optimizer buffers: ORT's AdamW kernel keeps two, also for SGD; torch's and ExecuTorch's SGD one
+    momentum buffer."""
+    if backend != "ort" and stage.optimizer["name"] == "sgd":
         return 1 if stage.optimizer["momentum"] else 0
     return 2
 
@@ -48,7 +49,7 @@ def fill_memory(manifest: Manifest, folder: Path, batches: list[int], measured: 
 
     for s in manifest.stages:
         s.memory = []
-        for backend in backends:
+        for backend in (b for b in backends if s.has_backend(b)):  # executorch: the stages it can train
             for b in batches:
                 point = estimate(s, b, backend)
                 if measured:

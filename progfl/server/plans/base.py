@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ...manifest import Manifest, ManifestError, Stage, TrainTask, TrainUpdate, size_stage
+from ...manifest import Manifest, ManifestError, Stage, TrainTask, TrainUpdate
 from ..aggregate import Aggregator
 from ..pace import PaceConfig, PaceController
 from ..selection import DeviceInfo, Selector, UniformSelector, eligible
