@@ -247,7 +247,7 @@ DEMO_EXPORT = dict(model_name="resnet18", num_classes=10, input_shape="1,28,28",
               show_default=True, help="label-dirichlet: 200 samples a device, label mixes from Dirichlet(0.5).")
 @user_errors
 def demo(out, rounds, partition) -> None:
-    """The main job: ProFL vs ExclusiveFL vs FedAvg on MNIST-5k, a small ResNet-18, 20 devices (~6 min on 2 cores).
+    """The main job: ProFL vs ExclusiveFL vs FedAvg on MNIST-5k, a small ResNet-18, 20 devices (~7 min on 2 cores).
 
     Every plan runs with the papers' settings (SGD lr 0.01, momentum 0.9, weight decay 5e-4, 5 local epochs, batch
     32), 200 samples a device, 5 devices a round, on the same seed, data and memory fleet."""

@@ -182,3 +182,14 @@ def test_backend_errors_are_one_line(tmp_path_factory, tmp_path):
     r = run("none")  # auto picks ORT, and never imports torch for it
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["backend"] == "ort" and json.loads(r.stdout)["torch_imported"] == 0
+
+
+def test_flower_sends_a_device_only_its_backends_files(bn):
+    from progfl.device_runtime.flower import stage_files
+
+    folder, manifest = bn
+    names = {b: set(stage_files(folder, manifest, "grow-1", b)) for b in ("ort", "torch")}
+    assert all("manifest.json" in n for n in names.values())
+    assert {p.rsplit("/", 1)[-1] for p in names["torch"]} == {"manifest.json", "torch_train.pt", "torch_prefix.pt",
+                                                              "torch_inference.pt"}
+    assert not any(p.endswith(".pt") for p in names["ort"]) and any(p.endswith("training_model.onnx") for p in names["ort"])

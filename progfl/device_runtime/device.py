@@ -23,7 +23,8 @@ class Device:
                  backend: str = "auto"):
         """`shard` is validated here against the model (shape, labels, finite values); `cache_dir` keeps the
         frozen prefix's features between rounds (without it they live in a scratch folder for one round);
-        `backend`: ort, torch, or auto (ORT where its training API is installed, else torch)."""
+        `backend`: ort, torch, executorch (experimental), or auto (ORT where its training API is installed, else
+        torch)."""
         self.folder = Path(artifacts)
         self.manifest = Manifest.load(self.folder)
         self.backend_name = resolve_backend(backend, self.manifest)
