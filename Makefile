@@ -23,7 +23,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/device_step.py
 
 # The device runtime on an emulated Raspberry Pi 4 and 5 (qemu user mode, Debian's arm64 python, PyPI's aarch64
-# wheels; all cached in .arm/, nothing installed system-wide). About 8 minutes the first time, 5 after.
+# wheels; all cached in .arm/, nothing installed system-wide). About 5 minutes the first time, 3.5 after.
 arm-check: $(STAMP)
 	tools/armpi/build.sh .arm
 	$(PY) tools/armpi/arm_check.py .arm
