@@ -96,31 +96,15 @@ def parity(folder: Path, stage: str, shard_path: Path, micro: int) -> dict:
 
 
 def probe(folder: str, stage: str, batch: int, backend: str, steps: int) -> dict:
-    """measure_stage's round (synthetic shard of batch x (steps + 1), one micro-batch per step, 1 thread), with the
-    executorch backend available."""
-    from progfl.device_runtime.backend import RuntimeOptions, open_stage
-    from progfl.device_runtime.memory import peak_mb, rss_mb
-    from progfl.device_runtime.probe import synthetic_weights, write_synthetic_shard
-    from progfl.device_runtime.shard import Shard
-    from progfl.device_runtime.trainer import train_round
-    from progfl.manifest import Manifest, TrainTask
+    """progfl's own probe round (measure_stage: synthetic shard of batch x (steps + 1), one micro-batch per step) at
+    1 thread, plus the whole process's peak and whether ExecuTorch's exporter got imported."""
+    from progfl.device_runtime.backend import RuntimeOptions
+    from progfl.device_runtime.memory import peak_mb
+    from progfl.device_runtime.probe import measure_stage
 
-    opts = RuntimeOptions(threads=1)
-    manifest = Manifest.load(folder)
-    s = manifest.stage(stage)
-    baseline = rss_mb()
-    with tempfile.TemporaryDirectory(prefix="progfl-et-probe-") as tmp:
-        path = Path(tmp) / "shard.npz"
-        write_synthetic_shard(path, manifest, batch * (steps + 1))
-        with Shard(path) as shard:
-            shard.validate(manifest.input_shape, manifest.num_classes)
-            engine = open_stage(backend, folder, manifest, s.name, opts)
-            task = TrainTask(round=0, stage=s.name, manifest_sha256="", weights=synthetic_weights(manifest, s),
-                             lr=0.01, epochs=1, batch_size=batch, micro_batch=batch, accum_steps=1)
-            update = train_round(engine, s, task, shard, scratch=tmp)
-    m = update.metrics
-    return {"stage": s.name, "backend": backend, "batch": batch, "step_ms": round(m["step_ms"], 2),
-            "round_peak_mb": m["peak_mb"], "process_vmhwm_mb": round(peak_mb(), 1), "baseline_mb": round(baseline, 1),
+    r = measure_stage(folder, stage, batch, steps, RuntimeOptions(threads=1), backend)
+    return {"stage": r["stage"], "backend": backend, "batch": batch, "step_ms": r["step_ms"],
+            "round_peak_mb": r["peak_mb"], "process_vmhwm_mb": round(peak_mb(), 1), "baseline_mb": r["baseline_mb"],
             "executorch_imported": "executorch.extension.training" in sys.modules,
             "exir_imported": "executorch.exir.capture" in sys.modules}
 
