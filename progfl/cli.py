@@ -59,7 +59,7 @@ def main() -> None:
 @click.option("--margin", default=0.15, show_default=True, help="Safety margin under each budget.")
 @click.option("--neulite-l1", default=0.1, show_default=True, help="NeuLite input term; block t gets l1*(T-t)/T.")
 @click.option("--neulite-l2", default=0.1, show_default=True, help="NeuLite label term; block t gets l2*(t+1)/T.")
-@click.option("--measure/--no-measure", default=True, show_default=True, help="Measure peaks in a torch-free subprocess.")
+@click.option("--measure/--no-measure", default=True, show_default=True, help="Measure peaks in a fresh subprocess per stage and backend.")
 @click.option("--measure-batches", default=None, help="Micro-batch sizes to measure (default: batch/4 and batch).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial weights.")
 @click.option("--output-module", type=click.Choice(["auto", "conv", "light", "linear"]), default="auto",

@@ -1,4 +1,5 @@
-"""A Flower ClientApp around the device runtime (torch-free: numpy, flwr, progfl.manifest, progfl.device_runtime).
+"""A Flower ClientApp around the device runtime (numpy, flwr, progfl.manifest, progfl.device_runtime; torch only
+when the node trains with the torch backend).
 
 Node config (`flower-supernode --node-config`):
     memory-mb      the device's memory budget (MB)
