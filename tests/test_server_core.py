@@ -234,6 +234,37 @@ def test_bad_updates_dropped_round_survives(caplog):
     np.testing.assert_allclose(agg.result()["b"], [2.0, 2.0])
 
 
+def test_values_checked_in_the_global_dtype_and_claims_capped():
+    """A float64 1e300 is finite until the global model's float32 makes it Inf: dropped. A device claiming 10^12
+    samples is weighted by the 10 the server registered for it."""
+    agg = Aggregator(SPECS)
+    huge = TrainUpdate(1, "grow-0", {"w": np.full((2, 2), 1e300), "b": np.zeros(2)}, 5, {})
+    inf = TrainUpdate(1, "grow-0", {"w": np.full((2, 2), np.inf, np.float32), "b": np.zeros(2, np.float32)}, 5, {})
+    assert "NaN or Inf" in agg.add(huge, device=1) and "NaN or Inf" in agg.add(inf, device=2)
+    assert agg.add(upd(np.ones((2, 2)), [1, 1], 10), device=3, max_samples=10) is None
+    assert agg.add(upd(np.full((2, 2), 3.0), [3, 3], 10**12), device=4, max_samples=10) is None
+    np.testing.assert_allclose(agg.result()["w"], np.full((2, 2), 2.0))  # (10*1 + 10*3) / 20, not ~3
+    assert agg.total_samples == 20
+
+
+def test_an_update_far_from_the_round_median_is_dropped():
+    from progfl.server.aggregate import distant_updates
+
+    rng = np.random.default_rng(0)
+    glob = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    near = [(i, upd(rng.normal(0, 0.1, (2, 2)), rng.normal(0, 0.1, 2), 5)) for i in range(5)]
+    far = (9, upd(np.full((2, 2), 50.0), [50, 50], 5))
+    dropped = distant_updates(glob, [*near, far], ["w", "b"], k=10)
+    assert list(dropped) == [9] and "more than 10 x the round's median" in dropped[9]
+    assert distant_updates(glob, [*near, far], ["w", "b"], k=0) == {}  # the setting off
+    assert distant_updates(glob, [near[0], far], ["w", "b"], k=10) == {}  # two updates: no median to trust
+    # just inside k x median stays: the rule is relative, not a fixed radius
+    median = float(np.median([np.sqrt(sum(float(np.sum(u.weights[n].astype(np.float64) ** 2)) for n in "wb"))
+                              for _, u in near]))
+    edge = (8, upd(np.full((2, 2), 0.99 * 10 * median / np.sqrt(6)), np.full(2, 0.99 * 10 * median / np.sqrt(6)), 5))
+    assert 8 not in distant_updates(glob, [*near, edge], ["w", "b"], k=10)
+
+
 def test_too_few_updates_gives_none_and_merge():
     agg = Aggregator(SPECS, min_updates=2)
     assert agg.result() is None

@@ -1,7 +1,9 @@
 """Sample-weighted FedAvg as running sums: server memory stays O(model), not O(devices x model).
 
-A bad update (missing or unknown array, wrong shape, NaN/Inf, no samples, wrong round or stage) is dropped
-with a one-line reason instead of poisoning the global model; the round survives.
+A bad update (missing or unknown array, wrong shape, NaN/Inf in the global dtype, no samples, wrong round or stage,
+or far from the global weights compared with the round's other updates) is dropped with a one-line reason instead of
+poisoning the global model; the round survives. A device's self-reported sample count is capped by what the server
+knows of it, so one claim cannot outweigh the fleet.
 """
 
 from __future__ import annotations
@@ -56,12 +58,19 @@ class Aggregator:
                 return f"{name} has shape {list(a.shape)}, expected {list(shape)}"
             if a.dtype.kind not in "fiu":
                 return f"{name} has non-numeric dtype {a.dtype}"
-            if not np.isfinite(a).all():
-                return f"{name} contains NaN or Inf"
+            if not np.isfinite(_as_global(a)).all():  # a float64 1e300 is finite until it becomes float32
+                return f"{name} contains NaN or Inf (in the global dtype, float32)"
         return None
 
-    def add(self, update: TrainUpdate, device: int | str | None = None) -> str | None:
-        """Validate and accumulate one update; None if accepted, else the reason it was dropped."""
+    def reject(self, update: TrainUpdate, device: int | str, reason: str) -> None:
+        """Drop an update for a reason found outside check() (see distant_updates)."""
+        self._seen += 1
+        self.dropped.append((device, reason))
+        log.warning("dropped update from device %s (round %s, stage %s): %s", device, update.round, update.stage, reason)
+
+    def add(self, update: TrainUpdate, device: int | str | None = None, max_samples: int | None = None) -> str | None:
+        """Validate and accumulate one update; None if accepted, else the reason it was dropped. max_samples: the count
+        the server knows for this device (registered or assigned); a larger claim is capped to it."""
         who = device if device is not None else self._seen
         self._seen += 1
         reason = self.check(update)
@@ -70,8 +79,11 @@ class Aggregator:
             log.warning("dropped update from device %s (round %s, stage %s): %s", who, update.round, update.stage, reason)
             return reason
         w = int(update.num_samples)
+        if max_samples is not None and w > max_samples:
+            log.warning("device %s claimed %d samples, it has %d: weighted by %d", who, w, max_samples, max_samples)
+            w = int(max_samples)
         for name, acc in self._sums.items():
-            acc += w * np.asarray(update.weights[name], dtype=np.float64)
+            acc += w * _as_global(np.asarray(update.weights[name])).astype(np.float64)
         for key, value in (update.metrics or {}).items():
             if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value):
                 self._metric_sums[key] = self._metric_sums.get(key, 0.0) + w * float(value)
@@ -110,3 +122,31 @@ class Aggregator:
             "samples": self.total_samples,
             "dropped": [[who, why] for who, why in self.dropped],
         }
+
+
+def _as_global(a: np.ndarray) -> np.ndarray:
+    """An update's array in the global dtype (float32): values too large for it become Inf, which check() refuses."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return a.astype(np.float32, copy=False)
+
+
+def distant_updates(global_arrays: dict[str, np.ndarray], updates: list[tuple[int | str, TrainUpdate]],
+                    names: list[str], k: float) -> dict[int | str, str]:
+    """Updates whose distance from the global weights (L2 over `names`, float64) exceeds k x the median distance of
+    the round's updates: device -> reason. A diverged or malicious device moves its weights far more than its peers;
+    the median is robust to a minority of such. Fewer than 3 updates, k <= 0 or a zero median: nothing is dropped."""
+    dist = {}
+    for who, u in updates:
+        try:
+            dist[who] = math.sqrt(sum(float(np.sum((_as_global(np.asarray(u.weights[n])).astype(np.float64)
+                                                     - np.asarray(global_arrays[n], np.float64)) ** 2)) for n in names))
+        except (KeyError, ValueError, TypeError):  # malformed: check() drops it with its own reason
+            continue
+    finite = [d for d in dist.values() if math.isfinite(d)]
+    if k <= 0 or len(finite) < 3:
+        return {}
+    median = float(np.median(finite))
+    if median <= 0:
+        return {}
+    return {who: f"moved {d:.3g} from the global weights, more than {k:g} x the round's median {median:.3g}"
+            for who, d in dist.items() if math.isfinite(d) and d > k * median}

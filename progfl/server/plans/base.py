@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...manifest import Manifest, ManifestError, Stage, TrainTask, TrainUpdate
-from ..aggregate import Aggregator
+from ..aggregate import Aggregator, distant_updates
 from ..pace import PaceConfig, PaceController
 from ..selection import DeviceInfo, Selector, UniformSelector, eligible
 from ..state import ServerState
@@ -56,6 +56,7 @@ class PlanConfig:
     lr: float = 0.01  # SGD, as ProFL's authors (momentum 0.9 and weight decay 5e-4 are set at export)
     epochs: int = 5  # local epochs per round, as ProFL's authors
     min_updates: int = 1
+    outlier_k: float = 10.0  # drop an update farther from the global weights than k x the round's median (0: never)
     seed: int = 0
     pace: PaceConfig = field(default_factory=PaceConfig)
     options: dict[str, Any] = field(default_factory=dict)  # plan-specific settings, documented per plan
@@ -151,8 +152,14 @@ class Plan(ABC):
         stage = self.stage(state)
         expected = [p for p in stage.params if p.name in set(stage.updated_names)]
         agg = Aggregator(expected, self.config.min_updates, state.round + 1, stage.name)
-        for d, u in sorted(results, key=lambda r: r[0].id):  # a fixed order: sums do not depend on arrival
-            agg.add(u, d.id)
+        ordered = sorted(results, key=lambda r: r[0].id)  # a fixed order: sums do not depend on arrival
+        far = distant_updates(state.arrays, [(d.id, u) for d, u in ordered if agg.check(u) is None],
+                              [p.name for p in expected], self.config.outlier_k)
+        for d, u in ordered:
+            if d.id in far:
+                agg.reject(u, d.id, far[d.id])
+                continue
+            agg.add(u, d.id, max_samples=d.num_samples)
             if u.metrics.get("samples_per_s"):
                 state.plan_state["speed"][str(d.id)] = float(u.metrics["samples_per_s"])
         result = agg.result()
