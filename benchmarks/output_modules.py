@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, md_table, write_json, write_text  # noqa: E402
@@ -45,20 +44,10 @@ from progfl.exporter.export import compile_all  # noqa: E402
 from progfl.exporter.sizing import fill_memory  # noqa: E402
 from progfl.manifest import DeviceClass  # noqa: E402
 from progfl.models import NeuLiteWeights, StageSpec, build_model, default_stages, from_sequential  # noqa: E402
+from progfl.models.examples import depthwise_separable  # noqa: E402
 
 KINDS = ("linear", "conv", "light")
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def depthwise_separable() -> nn.Sequential:
-    """A 3x3 conv stem (a depthwise conv on one grey channel would see a single filter), then depthwise-separable
-    units: depthwise 3x3 + pointwise 1x1 + BN + ReLU. 10.7k parameters."""
-    def unit(ci, co, stride):
-        return nn.Sequential(nn.Conv2d(ci, ci, 3, stride, 1, groups=ci, bias=False), nn.Conv2d(ci, co, 1, bias=False),
-                             nn.BatchNorm2d(co), nn.ReLU())
-    stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-    return nn.Sequential(nn.Sequential(stem, unit(16, 16, 1)), nn.Sequential(unit(16, 32, 2), unit(32, 32, 1)),
-                         nn.Sequential(unit(32, 64, 2), unit(64, 64, 1)))
 
 
 MODELS = {

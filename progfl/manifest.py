@@ -321,6 +321,8 @@ class Manifest:
         a board's profile names it, so its peaks are applied only to the artifacts it measured."""
         h = hashlib.sha256()
         for s in self.stages:
+            if not s.has_backend(backend):  # executorch: the stages it cannot train have no files
+                continue
             for kind, ref in sorted(s.backend_files(backend).items()):
                 h.update(f"{s.name}/{kind}/{ref.sha256}".encode())
         return h.hexdigest()
@@ -346,7 +348,7 @@ class Manifest:
         """Check every file's sha256 (of one stage, or all; of one backend, or all): a corrupt or truncated artifact
         fails here."""
         root = Path(folder)
-        for s in [stage] if stage else self.stages:
+        for s in [stage] if stage else [s for s in self.stages if backend is None or s.has_backend(backend)]:
             for kind, ref in (s.backend_files(backend) if backend else s.files).items():
                 p = root / ref.path
                 if not p.exists():

@@ -60,9 +60,9 @@ def test_stages_without_a_max_pool_in_the_backward_path_are_accepted(model, stag
 
 def test_backend_import_without_executorch_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch", None)  # as if not installed, whether or not it is
-    monkeypatch.delitem(sys.modules, "progfl.device_runtime.executorch_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "progfl.device_torch.executorch_backend", raising=False)
     with pytest.raises(ImportError, match=r"pip install executorch==1\.5\.1"):
-        importlib.import_module("progfl.device_runtime.executorch_backend")
+        importlib.import_module("progfl.device_torch.executorch_backend")
 
 
 def test_writing_files_without_executorch_names_the_install(monkeypatch, tmp_path):
@@ -100,3 +100,6 @@ def test_export_and_manifest_wiring_without_executorch(tmp_path):
     with pytest.raises(ManifestError, match="grow-1 has no executorch files"):
         m.stage("grow-1").backend_files("executorch")
     assert not size_stage(m.stage("grow-1"), 4096.0, 8, 0.15, backend="executorch").fits
+    # whole-export operations of a backend cover the stages that have it (a board's profile, file checks)
+    assert m.files_digest("executorch") != m.files_digest("torch")
+    m.verify_files(tmp_path / "a", backend="executorch")

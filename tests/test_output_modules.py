@@ -15,20 +15,9 @@ from torch import nn
 from progfl.exporter import ExportError, explain, export_model
 from progfl.manifest import DeviceClass, Manifest
 from progfl.models import build_model, from_sequential
+from progfl.models.examples import depthwise_separable
 
 CLASSES = [DeviceClass("big", 4096.0)]
-
-
-def depthwise_separable() -> nn.Sequential:
-    """A user's cheap model (as in benchmarks/output_modules.py): a conv stem, then depthwise 3x3 + pointwise 1x1 +
-    BN + ReLU units, widths 16/32/64 (10.7k params). A full 3x3 conv from 16 to 32 channels alone (4.6k) costs more
-    than the whole block it stands for (2.1k)."""
-    def unit(ci, co, stride):
-        return nn.Sequential(nn.Conv2d(ci, ci, 3, stride, 1, groups=ci, bias=False), nn.Conv2d(ci, co, 1, bias=False),
-                             nn.BatchNorm2d(co), nn.ReLU())
-    stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-    return nn.Sequential(nn.Sequential(stem, unit(16, 16, 1)), nn.Sequential(unit(16, 32, 2), unit(32, 32, 1)),
-                         nn.Sequential(unit(32, 64, 2), unit(64, 64, 1)))
 
 
 def dws_model() -> nn.Module:

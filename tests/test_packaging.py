@@ -15,3 +15,13 @@ def test_every_source_folder_is_a_package():
     folders = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "progfl").rglob("*.py")}
     missing = sorted(f for f in folders - APP_FOLDERS if f.replace("/", ".") not in found)
     assert not missing, f"no __init__.py, so a built wheel leaves them out: {missing}"
+
+
+def test_device_runtime_never_imports_torch():
+    """The torch backends live in progfl/device_torch; the device runtime folder stays torch-free (it is what an ORT
+    device imports)."""
+    import re
+
+    pattern = re.compile(r"^\s*(import torch|from torch\b)", re.M)
+    offenders = [p.name for p in (ROOT / "progfl" / "device_runtime").glob("*.py") if pattern.search(p.read_text())]
+    assert not offenders, f"device_runtime imports torch in {offenders}: put torch code in progfl/device_torch"

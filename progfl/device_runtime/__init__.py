@@ -1,6 +1,6 @@
-"""The device side: trains one stage on local data within a memory budget, with numpy + onnxruntime-training (never
-torch) or, on boards without ORT training (ARM), with torch. Nothing is imported here, so reading a shard (`shard`)
-loads neither engine.
+"""The device side: trains one stage on local data within a memory budget, with numpy + onnxruntime-training; this
+folder never imports torch. Boards without ORT training (ARM) train with the torch backends of progfl/device_torch,
+which open_stage loads only when chosen. Nothing is imported here, so reading a shard (`shard`) loads no engine.
 
     device     Device: artifacts + local shard + budget + backend; trains whatever stage a task names
     trainer    train_round: one local round, streamed a micro-batch at a time (LocalData)
@@ -9,7 +9,6 @@ loads neither engine.
     cache      FeatureCache: the frozen prefix's outputs on disk, kept between rounds
     backend    StageBackend (what an engine provides), resolve_backend/open_stage, RuntimeOptions
     ort_backend, ort   the ONNX Runtime engine (and the torch-free import of its training API)
-    torch_backend      the PyTorch engine (TorchScript files; for Raspberry Pi and Jetson)
     probe      measure_stage/run_probe: a stage's peak memory and step time; make_profile (`progfl device profile`)
     memory     PhasePeak: peak RSS per phase
     flower     the Flower ClientApp (needs flwr)

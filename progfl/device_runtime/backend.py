@@ -1,8 +1,9 @@
 """What a device needs from a training engine, and which engine a device uses.
 
 Three backends implement StageBackend: ONNX Runtime training (ort_backend.py: torch-free, the default wherever
-onnxruntime-training installs), PyTorch (torch_backend.py: for ARM boards, where no ORT training build exists) and,
-experimental, ExecuTorch (executorch_backend.py: only when asked for, for the stages it trains correctly).
+onnxruntime-training installs) and, in progfl/device_torch (they need torch, which this folder never imports),
+PyTorch (for ARM boards, where no ORT training build exists) and, experimental, ExecuTorch (only when asked for, for
+the stages it trains correctly).
 Each is imported only when chosen, so a device never loads the engine it does not use.
 """
 
@@ -103,6 +104,11 @@ def installed(backend: str) -> bool:
     return any((Path(p) / "training" / "api").is_dir() for p in spec.submodule_search_locations or [])
 
 
+def first_installed(candidates: tuple[str, ...] | list[str] = AUTO) -> str | None:
+    """The first of `candidates` whose engine is installed: what `auto` means."""
+    return next((b for b in candidates if installed(b)), None)
+
+
 def resolve_backend(name: str, manifest: Manifest) -> str:
     """auto: ORT where its training API is installed, else torch; an explicit backend must be installed and exported.
     Errors name what to install or how to export."""
@@ -110,9 +116,9 @@ def resolve_backend(name: str, manifest: Manifest) -> str:
         raise ManifestError(f"unknown backend {name!r}: use {', '.join(BACKEND_CHOICES)}")
     exported = [b for b in AUTO if b in manifest.backends]
     if name == "auto":
-        for b in exported:  # ort first
-            if installed(b):
-                return b
+        found = first_installed(exported)  # ort first
+        if found:
+            return found
         raise ManifestError("no training backend installed that these artifacts were exported for: "
                             + "; or ".join(INSTALL[b] for b in exported))
     if not installed(name):
@@ -127,11 +133,11 @@ def open_stage(backend: str, folder: str | Path, manifest: Manifest, stage: str 
                options: RuntimeOptions | None = None, verify: bool = True) -> StageBackend:
     """One stage loaded for training by a resolved backend (see resolve_backend)."""
     if backend == "torch":
-        from .torch_backend import TorchStage
+        from ..device_torch.torch_backend import TorchStage
 
         return TorchStage(folder, manifest, stage, options, verify)
     if backend == "executorch":
-        from .executorch_backend import ExecuTorchStage
+        from ..device_torch.executorch_backend import ExecuTorchStage
 
         return ExecuTorchStage(folder, manifest, stage, options, verify)
     from .ort_backend import OrtStage

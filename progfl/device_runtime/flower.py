@@ -32,8 +32,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from .. import __version__
-from ..manifest import BACKENDS, MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, write_atomic
-from .backend import BACKEND_CHOICES, RuntimeOptions, installed
+from ..manifest import MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, write_atomic
+from .backend import BACKEND_CHOICES, RuntimeOptions, first_installed
 from .device import Device
 from .shard import Shard
 
@@ -158,7 +158,7 @@ class NodeSettings:
         if self.backend not in BACKEND_CHOICES:
             raise ManifestError(f"node config: unknown backend {self.backend!r} (use {', '.join(BACKEND_CHOICES)})")
         if self.backend == "auto":
-            self.backend = next((b for b in BACKENDS if installed(b)), "ort")
+            self.backend = first_installed() or "ort"  # before any manifest: the first engine installed
         self.budget_mb = float(cfg["memory-mb"])
         self.data_path = str(cfg["data-path"])
         self.artifacts_dir = Path(str(cfg["artifacts-dir"]))

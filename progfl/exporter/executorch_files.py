@@ -12,7 +12,7 @@ Batch size: dynamic. Dim 0 of every batched input is a `torch.export.Dim` from 1
 any micro-batch in that range, the short tail batch of a shard included (measured on cnn and vit stages: batches 1,
 3, 8, 17 and 32 of one program match eager to 1e-7). ExecuTorch's memory planner sizes its arena for `max_batch`:
 address space, not resident memory, for the pages a smaller batch never touches. A device refuses a micro-batch above
-the program's bound (see device_runtime/executorch_backend.py).
+the program's bound (see device_torch/executorch_backend.py).
 
 What ExecuTorch 1.5.1 cannot train (`executorch_refusal`, decided from the torch modules alone, no executorch import):
 - BatchNorm in training mode: `to_executorch` fails with "Missing out variants:

@@ -188,6 +188,10 @@ def compile_all(model: BlockModel, specs: list[StageSpec], tmp: Path, opset: int
 def check_device_classes(manifest: Manifest) -> None:
     for c in manifest.device_classes:
         if not any(s.sizing_for(c.name).fits for s in manifest.stages):
-            need = min(s.sizing_for(c.name).peak_mb for s in manifest.stages)
+            peaks = [s.sizing_for(c.name).peak_mb for s in manifest.stages if s.has_backend(c.backend)]
+            if not peaks:
+                raise ExportError(f"device class {c.name} trains with {c.backend}, which can train no stage of this "
+                                  "model (see the notes)")
+            need = min(peaks)
             raise ExportError(f"device class {c.name} ({c.memory_mb:g} MB, {c.backend}) is below the smallest stage "
                               f"({need:g} MB at micro-batch 1 plus a {manifest.safety_margin:.0%} margin)")

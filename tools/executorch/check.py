@@ -69,10 +69,10 @@ def export(work: Path, model_name: str) -> tuple[Path, dict[str, str]]:
 
 
 def parity(folder: Path, stage: str, shard_path: Path, micro: int) -> dict:
-    from progfl.device_runtime.executorch_backend import ExecuTorchStage
+    from progfl.device_torch.executorch_backend import ExecuTorchStage
     from progfl.device_runtime.probe import synthetic_weights
     from progfl.device_runtime.shard import Shard
-    from progfl.device_runtime.torch_backend import TorchStage
+    from progfl.device_torch.torch_backend import TorchStage
     from progfl.device_runtime.trainer import train_round
     from progfl.manifest import Manifest, TrainTask
 

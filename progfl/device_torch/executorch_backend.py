@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..device_runtime.backend import INSTALL as INSTALLS
+from ..device_runtime.backend import RuntimeOptions, StageBackend, ordered_inputs
 from ..manifest import EXECUTORCH_PIN as VERSION
 from ..manifest import Manifest, ManifestError
-from .backend import RuntimeOptions, StageBackend, ordered_inputs
 
-INSTALL = f"pip install executorch=={VERSION}"
+INSTALL = INSTALLS["executorch"]
 
 
 def _import_runtime():

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device_runtime.backend import RuntimeOptions, StageBackend, ordered_inputs, weights_digest
 from ..manifest import Manifest, ManifestError, check_arrays
-from .backend import RuntimeOptions, StageBackend, ordered_inputs, weights_digest
 
 
 def _simple_executor() -> None:
