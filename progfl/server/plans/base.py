@@ -16,8 +16,10 @@ import numpy as np
 
 from ...manifest import Manifest, ManifestError, Stage, TrainTask, TrainUpdate
 from ..aggregate import Aggregator, distant_updates
+from ..fleet import required_mb
 from ..pace import PaceConfig, PaceController
 from ..selection import DeviceInfo, Selector, UniformSelector, eligible
+from ..settings import parse_settings
 from ..state import ServerState
 
 
@@ -59,15 +61,22 @@ class PlanConfig:
     outlier_k: float = 10.0  # drop an update farther from the global weights than k x the round's median (0: never)
     seed: int = 0
     pace: PaceConfig = field(default_factory=PaceConfig)
-    options: dict[str, Any] = field(default_factory=dict)  # plan-specific settings, documented per plan
+    options: dict[str, Any] = field(default_factory=dict)  # plan-specific settings: the plan's Options fields
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A plan without options: any --option is refused."""
 
 
 class Plan(ABC):
     name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]  # stage kinds the export must contain
+    Options: ClassVar[type] = NoOptions  # the plan's --option keys, their types and defaults
 
     def __init__(self, manifest: Manifest, config: PlanConfig):
         self.manifest, self.config = manifest, config
+        self.options = parse_settings(self.Options, config.options, f"plan {self.name} --option")
         missing = set(self.kinds) - {s.kind for s in manifest.stages}
         if missing:
             raise ManifestError(f"plan {self.name} needs stage kinds {sorted(missing)}: export with "
@@ -120,6 +129,19 @@ class Plan(ABC):
             # the stage's starting weights open the EM window: EM exists from round W of the stage on
             self.pace.start_stage(stage.name, active, self.config.seed, initial=active)
             state.pace = self.pace.state_dict()
+
+    def check_fleet(self, devices: list[DeviceInfo]) -> None:
+        """Refuse a fleet in which no device can hold any stage this plan trains under memory limits: every round
+        would run without participants. Stages only some can hold are fine (they train with fewer devices)."""
+        stages = {p.stage for p in self.phases if p.memory}
+        if not stages or not devices:
+            return
+        m = self.manifest
+        if not any(d.sizing(m.stage(s), m.batch_size, m.safety_margin).fits for s in stages for d in devices):
+            need = round(min(required_mb(m, s) for s in stages), 1)
+            budgets = [d.budget_mb for d in devices]
+            raise ValueError(f"plan {self.name}: no device of the fleet (budgets {min(budgets):g}..{max(budgets):g} MB) "
+                             f"can hold any of its stages; the smallest needs {need:g} MB")
 
     # ---- configure / aggregate ----
     def candidates(self, devices: list[DeviceInfo], state: ServerState) -> list[DeviceInfo]:

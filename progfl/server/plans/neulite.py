@@ -7,15 +7,24 @@ one round each, for the whole round budget).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from .base import Phase, Plan
+
+
+@dataclass(frozen=True)
+class NeuLiteOptions:
+    order: Literal["sequential", "round-robin"] = "sequential"
 
 
 class NeuLite(Plan):
     name = "neulite"
     kinds = ("neulite",)
+    Options = NeuLiteOptions
 
     def build_phases(self) -> list[Phase]:
         T = max(s.block for s in self.manifest.stages if s.kind == "neulite") + 1
-        if self.config.options.get("order", "sequential") == "round-robin":
+        if self.options.order == "round-robin":
             return [Phase(f"neulite-{r % T}", "fixed", 1) for r in range(self.config.rounds)]
         return [Phase(f"neulite-{t}") for t in range(T)]

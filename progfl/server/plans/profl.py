@@ -31,35 +31,45 @@ Options:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .base import Phase, Plan
 
 SHRINK_SHARE = 0.3  # default share of the round budget the shrinking steps' caps add up to
 LINEAR_DISTILL_LR = 1e-3  # distillation lr through ProFL's linear basic layers (see distill_lr above)
 
 
-def _cap(options: dict, key: str, default: int) -> int:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"profl: option {key} must be a positive integer (a cap on rounds), got {value!r}")
-    return value
+@dataclass(frozen=True)
+class ProFLOptions:
+    shrink_rounds: int | None = None  # None: the default cap (see the module docstring)
+    distill_rounds: int | None = None
+    shrink_share: float = SHRINK_SHARE
+    distill_lr: float | None = None  # None: the plan's lr, 1e-3 with linear basic layers
+
+    def __post_init__(self) -> None:
+        for key in ("shrink_rounds", "distill_rounds"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive integer (a cap on rounds), got {getattr(self, key)}")
+        if not 0 < self.shrink_share < 1:
+            raise ValueError(f"shrink_share must be in (0, 1), got {self.shrink_share}")
+        if self.distill_lr is not None and not self.distill_lr > 0:
+            raise ValueError(f"distill_lr must be > 0, got {self.distill_lr}")
 
 
 class ProFL(Plan):
     name = "profl"
     kinds = ("grow", "distill")
+    Options = ProFLOptions
 
     def build_phases(self) -> list[Phase]:
-        o, T = self.config.options, max(s.block for s in self.manifest.stages if s.kind == "grow") + 1
-        share = o.get("shrink_share", SHRINK_SHARE)
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
-            raise ValueError(f"profl: option shrink_share must be a number in (0, 1), got {share!r}")
-        even = int(share * self.config.rounds // (2 * (T - 1))) if T > 1 else 1
+        o, T = self.options, max(s.block for s in self.manifest.stages if s.kind == "grow") + 1
+        even = int(o.shrink_share * self.config.rounds // (2 * (T - 1))) if T > 1 else 1
         default = min(max(1, even), self.config.pace.max_rounds)
-        shrink_cap, distill_cap = _cap(o, "shrink_rounds", default), _cap(o, "distill_rounds", default)
+        shrink_cap, distill_cap = o.shrink_rounds or default, o.distill_rounds or default
         linear = self.manifest.model_config.get("output_module", "linear") == "linear"
-        distill_lr = LINEAR_DISTILL_LR if linear else None  # None: the plan's lr
+        distill_lr = o.distill_lr or (LINEAR_DISTILL_LR if linear else None)  # None: the plan's lr
         shrink = []
         for t in range(T - 1, 0, -1):
             shrink += [Phase(f"grow-{t}", "em", max_rounds=shrink_cap),
-                       Phase(f"distill-{t}", "em", max_rounds=distill_cap, lr=o.get("distill_lr", distill_lr))]
+                       Phase(f"distill-{t}", "em", max_rounds=distill_cap, lr=distill_lr)]
         return shrink + [Phase(f"grow-{t}") for t in range(T)]

@@ -7,24 +7,33 @@ Options: alpha, beta, gamma, explore (the selector's exponents and exploration s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from ..selection import DeviceInfo, SmartFreezeSelector
 from ..state import ServerState
 from .base import Phase, Plan
 
 
+@dataclass(frozen=True)
+class SmartFreezeOptions:
+    selector: Literal["smart", "uniform"] = "smart"
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.5
+    explore: float = 0.1
+
+
 class SmartFreeze(Plan):
     name = "smartfreeze"
     kinds = ("grow",)
+    Options = SmartFreezeOptions
 
     def __init__(self, manifest, config):
         super().__init__(manifest, config)
-        o = config.options
-        kind = o.get("selector", "smart")
-        if kind not in ("smart", "uniform"):
-            raise ValueError(f"smartfreeze: option selector must be smart or uniform, got {kind!r}")
-        if kind == "smart":
-            self.selector = SmartFreezeSelector(o.get("alpha", 1.0), o.get("beta", 1.0), o.get("gamma", 0.5),
-                                                o.get("explore", 0.1))
+        o = self.options
+        if o.selector == "smart":
+            self.selector = SmartFreezeSelector(o.alpha, o.beta, o.gamma, o.explore)
 
     def build_phases(self) -> list[Phase]:
         T = max(s.block for s in self.manifest.stages if s.kind == "grow") + 1
