@@ -20,7 +20,7 @@ from .errors import DataError
 # Import the shards module before partition.shards: loading a submodule sets
 # the package attribute of the same name, which would hide the function.
 from .shards import read_dataset, read_shard, write_dataset, write_shards  # isort: skip
-from .partition import by_group, dirichlet, iid, label_dirichlet, shards  # isort: skip
+from .partition import by_group, dirichlet, held_out, iid, label_dirichlet, shards  # isort: skip
 
 __all__ = [
     "DATASETS",
@@ -33,6 +33,7 @@ __all__ = [
     "digits",
     "dirichlet",
     "femnist",
+    "held_out",
     "iid",
     "label_dirichlet",
     "load_dataset",

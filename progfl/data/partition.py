@@ -147,3 +147,20 @@ def by_group(groups: np.ndarray, n_devices: int) -> list[np.ndarray]:
         load[d] += counts[k]
     dev = device_of[np.searchsorted(ids, groups)]
     return [np.flatnonzero(dev == d).astype(np.int64) for d in range(n_devices)]
+
+
+def held_out(y: np.ndarray, label_histograms: list[np.ndarray], size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each device's own held-out set for federated evaluation: `size` samples of a test set drawn with the label
+    mix of the device's training data (its histogram), without replacement within a device; devices may share
+    samples. A device whose training data has no labels gets a uniform draw."""
+    if size < 1 or size > len(y):
+        raise DataError(f"held-out size must be in [1, {len(y)}], got {size}")
+    parts = []
+    for hist in label_histograms:
+        h = np.zeros(int(y.max()) + 1)
+        h[: len(hist)] = np.asarray(hist, np.float64)[: len(h)]
+        p = h[y] / np.bincount(y, minlength=len(h))[y] if h.sum() > 0 else np.ones(len(y))
+        p = np.where(p > 0, p, 0.0)
+        k = min(size, int(np.count_nonzero(p)))
+        parts.append(np.sort(rng.choice(len(y), size=k, replace=False, p=p / p.sum())).astype(np.int64))
+    return parts

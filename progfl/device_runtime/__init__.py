@@ -10,6 +10,7 @@ which open_stage loads only when chosen. Nothing is imported here, so reading a 
     backend    StageBackend (what an engine provides), resolve_backend/open_stage, RuntimeOptions
     ort_backend, ort   the ONNX Runtime engine (and the torch-free import of its training API)
     probe      measure_stage/run_probe: a stage's peak memory and step time; make_profile (`progfl device profile`)
-    memory     PhasePeak: peak RSS per phase
+    memory     PhasePeak: peak RSS per phase; transport_mb: what a Flower node's own processes hold
+    job        a training or evaluation in a fresh process, so its peak is its own (the Flower ClientApp's jobs)
     flower     the Flower ClientApp (needs flwr)
 """

@@ -1,9 +1,12 @@
-"""A Flower ClientApp around the device runtime (numpy, flwr, progfl.manifest, progfl.device_runtime; torch only
-when the node trains with the torch backend).
+"""A Flower ClientApp around the device runtime (numpy, flwr, progfl.manifest, progfl.device_runtime). Training
+and evaluation run in a fresh process each (job.py), so this process never loads an engine (ONNX Runtime, torch)
+and its memory is the node's transport baseline, reported with its capabilities.
 
 Node config (`flower-supernode --node-config`):
-    memory-mb      the device's memory budget (MB)
+    memory-mb      the device's memory budget (MB = MiB): the SuperNode, this ClientApp and the training share it
     data-path      the device's .npz shard (x float32 N,C,H,W; y int labels; see device_runtime/shard.py)
+    eval-data-path optional: a held-out shard of the same format, for federated evaluation
+    baseline-mb    optional: what the transport holds (default: measured, memory.transport_mb)
     artifacts-dir  a local cache folder; each export lives in <artifacts-dir>/<manifest sha256>/
     backend        optional: ort, torch, or auto (default: ONNX Runtime training where installed, else torch)
     threads        optional: ONNX Runtime intra-op threads (0: one per core)
@@ -13,10 +16,13 @@ In Flower's simulation engine every virtual node has only partition-id/num-parti
 `sim-fleet` names a JSON file mapping partition-id -> the keys above (written by progfl.server.flower_sim).
 
 Messages (see progfl.server.flower for the server side):
-    query "capabilities" -> budget, samples, label histogram, progfl version, stages held in the cache
+    query "capabilities" -> memory, transport baseline, samples, label histogram, held-out samples, progfl version,
+             stages held in the cache (asked every round: a node whose free memory changed is sized again)
     train -> arrays (the stage's global arrays), config (the TrainTask scalars), optional files (uint8 arrays
              keyed by relative path) + files-meta (path -> sha256) the first time this node meets a stage;
              reply: arrays (the update), metrics (TrainUpdate.metrics + num-samples, peak memory included)
+    evaluate -> arrays (the stage's global arrays), config (stage, manifest_sha256); reply: accuracy, loss and
+             num-examples on the node's held-out shard
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from .. import __version__
-from ..manifest import MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, write_atomic
-from .backend import BACKEND_CHOICES, RuntimeOptions, first_installed
-from .device import Device
-from .shard import Shard
+from ..manifest import MANIFEST_NAME, Manifest, ManifestError, TrainTask, TrainUpdate, sha256_file, size_stage, write_atomic
+from . import job
+from .backend import BACKEND_CHOICES, first_installed
+from .job import Job
+from .memory import transport_mb
+from .shard import read_labels
 
 # ---- records <-> progfl messages (used by both sides) ----
 TASK_INTS = ("round", "epochs", "batch_size", "micro_batch", "accum_steps", "seed")
@@ -144,6 +152,9 @@ def store_files(artifacts_dir: Path, manifest_sha: str, files: ArrayRecord, meta
     return folder
 
 
+_reported_baseline: dict[str, float] = {}  # data path -> the baseline this node last reported
+
+
 class NodeSettings:
     def __init__(self, context: Context, fleet: str | None = None):
         cfg: dict[str, Any] = dict(context.node_config)
@@ -159,69 +170,89 @@ class NodeSettings:
             raise ManifestError(f"node config: unknown backend {self.backend!r} (use {', '.join(BACKEND_CHOICES)})")
         if self.backend == "auto":
             self.backend = first_installed() or "ort"  # before any manifest: the first engine installed
-        self.budget_mb = float(cfg["memory-mb"])
+        self.memory_mb = float(cfg["memory-mb"])
         self.data_path = str(cfg["data-path"])
+        self.eval_path = str(cfg["eval-data-path"]) if cfg.get("eval-data-path") else None
         self.artifacts_dir = Path(str(cfg["artifacts-dir"]))
         self.threads = int(cfg.get("threads", 0))
         self.feature_cache = str(cfg["feature-cache"]) if cfg.get("feature-cache") else None
         self.device_id = int(cfg["device-id"]) if "device-id" in cfg else None
-        self.key = (self.data_path, str(self.artifacts_dir), self.budget_mb, self.threads, self.feature_cache,
-                    self.backend)
+        self._fixed_baseline = float(cfg["baseline-mb"]) if "baseline-mb" in cfg else None
 
+    def measure_baseline(self) -> float:
+        """What the transport holds on the board now: measured, unless the node config says (a virtual node's Ray
+        actor is no board's transport: the simulation sets 0). Measured at each capability query; a task is checked
+        against the value last reported, the one the server sized it with."""
+        value = self._fixed_baseline if self._fixed_baseline is not None else round(transport_mb(), 1)
+        _reported_baseline[self.data_path] = value
+        return value
 
-# One Device per (node settings, export) per process: the simulation engine's actors serve many virtual nodes,
-# a SuperNode's ClientApp process serves one. Only the last one used is kept (one stage resident at a time).
-_devices: dict[tuple, Device] = {}
-_shards: dict[str, Shard] = {}  # the open shard of the node served last (read a micro-batch at a time)
+    @property
+    def baseline_mb(self) -> float:
+        if self._fixed_baseline is not None:
+            return self._fixed_baseline
+        return _reported_baseline.get(self.data_path) or self.measure_baseline()
 
+    @property
+    def budget_mb(self) -> float:
+        """What a training job may use: the node's memory minus its transport's."""
+        return self.memory_mb - self.baseline_mb
 
-def _shard(node: NodeSettings) -> Shard:
-    if node.data_path not in _shards:
-        for old in _shards.values():
-            old.close()
-        _shards.clear()
-        _devices.clear()
-        _shards[node.data_path] = Shard(node.data_path, scratch=node.feature_cache)
-    return _shards[node.data_path]
-
-
-def _device(node: NodeSettings, folder: Path) -> Device:
-    key = (*node.key, str(folder))
-    shard = _shard(node)
-    if key not in _devices:
-        _devices.clear()
-        _devices[key] = Device(folder, shard, node.budget_mb, RuntimeOptions(threads=node.threads), node.feature_cache,
-                               node.backend)
-    return _devices[key]
+    def job(self, folder: Path, data: str) -> Job:
+        return Job(kind="", artifacts=str(folder), data=data, backend=self.backend, threads=self.threads,
+                   budget_mb=self.budget_mb, cache=self.feature_cache)
 
 
 def query(msg: Message, context: Context, fleet: str | None = None) -> Message:
     node = NodeSettings(context, fleet)
-    y = _shard(node).y
+    y = read_labels(node.data_path)
     asked = msg.content["config"] if "config" in msg.content else {}
     classes = int(asked.get("num-classes", int(y.max()) + 1))
-    caps = {"memory-mb": node.budget_mb, "num-samples": int(len(y)),
+    caps = {"memory-mb": node.memory_mb, "baseline-mb": node.measure_baseline(), "num-samples": int(len(y)),
             "label-hist": [int(c) for c in np.bincount(y, minlength=classes)], "progfl-version": __version__,
-            "backend": node.backend, "held": held_stages(node.artifacts_dir, node.backend)}
+            "backend": node.backend, "held": held_stages(node.artifacts_dir, node.backend),
+            "eval-samples": len(read_labels(node.eval_path)) if node.eval_path else 0}
     if node.device_id is not None:
         caps["device-id"] = node.device_id
     return Message(RecordDict({"caps": ConfigRecord(caps)}), reply_to=msg)
 
 
+def _artifacts(node: NodeSettings, manifest_sha: str) -> Path:
+    folder = node.artifacts_dir / manifest_sha
+    if not (folder / MANIFEST_NAME).exists():
+        raise ManifestError(f"no artifacts for manifest {manifest_sha[:12]} in {node.artifacts_dir}")
+    return folder
+
+
 def train(msg: Message, context: Context, fleet: str | None = None) -> Message:
+    """Store the stage's files if sent, check the task against this node's own sizing, train in a fresh process
+    (see job.py: its peak is its own), reply with the update. Any failure (a diverged round included: a device
+    never sends a non-finite update) raises, and Flower replies with the error, which the server logs."""
     node = NodeSettings(context, fleet)
     task = content_to_task(msg.content)
     if "files" in msg.content:
         store_files(node.artifacts_dir, task.manifest_sha256, msg.content["files"], msg.content["files-meta"])
-    folder = node.artifacts_dir / task.manifest_sha256
-    if not (folder / MANIFEST_NAME).exists():
-        raise ManifestError(f"no artifacts for manifest {task.manifest_sha256[:12]} in {node.artifacts_dir}")
-    device = _device(node, folder)
-    micro, _ = device.plan(task.stage)  # refuses a stage this budget cannot hold, whatever the server says
-    if task.micro_batch > micro:
-        raise ManifestError(f"task micro-batch {task.micro_batch} exceeds what {node.budget_mb:g} MB holds ({micro})")
-    update = device.train(task)
+    folder = _artifacts(node, task.manifest_sha256)
+    manifest = Manifest.load(folder)
+    z = size_stage(manifest.stage(task.stage), node.budget_mb, manifest.batch_size, manifest.safety_margin,
+                   backend=node.backend)  # refuses what this budget cannot hold, whatever the server says
+    if not z.fits or task.micro_batch > z.micro_batch:
+        raise ManifestError(f"task {task.stage} at micro-batch {task.micro_batch} does not fit this node's "
+                            f"{node.budget_mb:g} MB ({node.memory_mb:g} minus {node.baseline_mb:g} of transport)")
+    update = job.train(node.job(folder, node.data_path), task)
     return Message(update_to_content(update), reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context, fleet: str | None = None) -> Message:
+    """The global model as a stage sees it, scored on this node's held-out shard (node config eval-data-path)."""
+    node = NodeSettings(context, fleet)
+    if node.eval_path is None:
+        raise ManifestError("this node has no held-out data (node config eval-data-path)")
+    c = msg.content["config"]
+    folder = _artifacts(node, str(c["manifest_sha256"]))
+    result = job.evaluate(node.job(folder, node.eval_path), str(c["stage"]), record_to_arrays(msg.content["arrays"]))
+    metrics = {"accuracy": result["accuracy"], "loss": result["loss"], "num-examples": int(result["samples"])}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def make_client_app(fleet: str | None = None) -> ClientApp:
@@ -236,6 +267,10 @@ def make_client_app(fleet: str | None = None) -> ClientApp:
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
         return train(msg, context, fleet)
+
+    @client.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, fleet)
 
     return client
 

@@ -7,6 +7,7 @@ refuses (or off Linux) ru_maxrss, the process-lifetime peak, is the fallback and
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -14,9 +15,9 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 
 
-def _status_mb(key: str) -> float | None:
+def _status_mb(key: str, status: Path = _STATUS) -> float | None:
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in status.read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
@@ -27,6 +28,30 @@ def _status_mb(key: str) -> float | None:
 def rss_mb() -> float:
     now = _status_mb("VmRSS")
     return now if now is not None else peak_mb()
+
+
+def transport_mb() -> float:
+    """What a device's Flower transport holds now: this process (the ClientApp) and its ancestors while they are
+    Flower's (flwr-clientapp <- flower-superexec <- flower-supernode in 1.41's default subprocess isolation), each
+    by its proportional set size (shared pages split between the processes that map them) where Linux reports it,
+    else its RSS. Off Linux: this process's peak."""
+    if not Path("/proc/self").exists():
+        return peak_mb()
+    total, pid = 0.0, os.getpid()
+    while pid > 1:
+        proc = Path(f"/proc/{pid}")
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            break
+        if pid != os.getpid() and b"flower-" not in cmdline and b"flwr-" not in cmdline:
+            break
+        total += _status_mb("Pss", proc / "smaps_rollup") or _status_mb("VmRSS", proc / "status") or 0.0
+        try:
+            pid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return total
 
 
 def peak_mb() -> float:

@@ -80,19 +80,10 @@ class Shard:
         if missing:
             have = sorted(n.removesuffix(".npy") for n in infos)
             raise ShardError(f"{self.path}: missing array(s) {', '.join(missing)} (has {have})")
-        try:
-            with zf.open("y.npy") as f:
-                y = np.lib.format.read_array(f, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise ShardError(f"{self.path}: unreadable y ({e})") from None
-        if y.dtype.kind not in "iu" or y.ndim != 1:
-            raise ShardError(f"{self.path}: y must be integer 1-D, got {y.dtype} {y.ndim}-D")
-        self.y = y.astype(np.int64, copy=False)
+        self.y = _labels(zf, self.path)
         self.x = self._x_rows(zf, infos["x.npy"], scratch)
         if self.x.n != len(self.y):
             raise ShardError(f"{self.path}: x has {self.x.n} samples but y has {len(self.y)}")
-        if len(self.y) == 0:
-            raise ShardError(f"{self.path}: empty data shard")
 
     def _x_rows(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo, scratch: str | Path | None) -> RowReader:
         where = f"{self.path} (x)"
@@ -176,6 +167,34 @@ def open_npz(path: Path) -> dict[str, np.ndarray]:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ShardError(f"{path}: unreadable .npz ({e})") from None
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """A shard's labels alone (what a device reports of its data), without reading or inflating x."""
+    p = Path(path)
+    if not p.is_file():
+        raise ShardError(f"{p}: file not found")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return _labels(zf, p)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ShardError(f"{p}: not an .npz archive ({e})") from None
+
+
+def _labels(zf: zipfile.ZipFile, path: Path) -> np.ndarray:
+    """y of an open shard archive: non-empty, integer, 1-D; as int64."""
+    try:
+        with zf.open("y.npy") as f:
+            y = np.lib.format.read_array(f, allow_pickle=False)
+    except KeyError:
+        raise ShardError(f"{path}: missing array y") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ShardError(f"{path}: unreadable y ({e})") from None
+    if y.dtype.kind not in "iu" or y.ndim != 1:
+        raise ShardError(f"{path}: y must be integer 1-D, got {y.dtype} {y.ndim}-D")
+    if len(y) == 0:
+        raise ShardError(f"{path}: empty data shard")
+    return y.astype(np.int64, copy=False)
 
 
 def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -89,6 +89,22 @@ def _batches(rng: np.random.Generator, n: int, batch: int, micro: int) -> Iterat
         yield [idx[j:j + micro] for j in range(0, len(idx), micro)]
 
 
+class TrainingError(ManifestError):
+    """A round that produced no update to send: training diverged (non-finite loss or weights)."""
+
+
+def check_finite(weights: dict[str, np.ndarray], loss: float) -> None:
+    """Refuse to report a diverged round: a NaN or Inf update would only be dropped by the server (or, unchecked,
+    poison the global model), and the device is the first to know."""
+    bad = {n: int(a.size - np.count_nonzero(np.isfinite(a))) for n, a in weights.items()}
+    bad = {n: k for n, k in bad.items() if k}
+    if bad or not np.isfinite(loss):
+        where = (f"{sum(bad.values())} non-finite values in {len(bad)} arrays (first: {next(iter(bad))})" if bad
+                 else "finite weights")
+        raise TrainingError(f"training diverged: loss {loss:g}, {where}; no update is sent (lower the learning "
+                            f"rate or the local epochs)")
+
+
 def check_task(task: TrainTask) -> None:
     if not 1 <= task.micro_batch <= task.batch_size or task.accum_steps < 1 or task.epochs < 1 \
             or not np.isfinite(task.lr):
@@ -119,7 +135,9 @@ def train_round(backend: StageBackend, stage: Stage, task: TrainTask, shard: Sha
         weights = backend.get_weights()
     seconds = time.perf_counter() - t0
     samples = len(shard) * task.epochs
-    metrics = {"loss": float(np.sum(losses) / samples), "seconds": seconds, "steps": float(len(step_s)),
+    loss = float(np.sum(losses) / samples)
+    check_finite(weights, loss)
+    metrics = {"loss": loss, "seconds": seconds, "steps": float(len(step_s)),
                "step_ms": 1000 * float(np.median(step_s[1:] or step_s)),  # the first step warms up
                "samples_per_s": samples / seconds, "peak_mb": round(peak.peak_mb, 1),
                "peak_resettable": float(peak.resettable), "torch_imported": float("torch" in sys.modules)}
@@ -127,3 +145,21 @@ def train_round(backend: StageBackend, stage: Stage, task: TrainTask, shard: Sha
         metrics["budget_mb"] = float(task.budget_mb)
         metrics["over_budget"] = float(peak.peak_mb > task.budget_mb)
     return TrainUpdate(round=task.round, stage=stage.name, weights=weights, num_samples=len(shard), metrics=metrics)
+
+
+def evaluate_shard(backend: StageBackend, shard: Shard, weights: dict[str, np.ndarray], chunk: int = 256) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the stage's model with these weights on a (held-out) shard."""
+    backend.set_weights(weights)
+    correct, loss = 0, 0.0
+    for start, x in shard.x.chunks(chunk):
+        c, l_ = score(backend.predict(x), shard.y[start:start + len(x)])
+        correct, loss = correct + c, loss + l_
+    return {"accuracy": correct / len(shard), "loss": loss / len(shard), "samples": float(len(shard))}
+
+
+def score(logits: np.ndarray, y: np.ndarray) -> tuple[int, float]:
+    """(correct predictions, summed cross-entropy) of a batch of logits, in float64."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    loss = -float((z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum())
+    return int((z.argmax(axis=1) == y).sum()), loss
