@@ -82,7 +82,9 @@ def main() -> None:
                 f"Max |local - flower| over the final global weights: {diff:.3g} "
                 f"({'equal' if diff <= 1e-5 else 'NOT equal'} to 1e-5); same participants every round: "
                 f"{same_participants}.\n\nTotal wall time includes data preparation and, for Flower, starting Ray "
-                f"and its actors; device peaks on Flower are those of Ray actor processes (flwr + ray imported).\n")
+                f"and its actors. On both engines a device's peak is measured in the process that runs its job alone: "
+                f"a forkserver child locally, a fresh `python -m progfl.device_runtime.job` under Flower (the "
+                f"virtual nodes report a transport baseline of 0: a Ray actor is no board's transport).\n")
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "flower_vs_local.json", result)
         write_text(args.out / "flower_vs_local.md", text)

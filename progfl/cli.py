@@ -24,15 +24,23 @@ def user_errors(fn):
         except (ValueError, ManifestError, OSError) as e:  # OSError: paths and permissions the user gave
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # a run's checkpoint is written whole before this lands (rounds.interrupts_deferred)
+            click.echo("\ninterrupted: a run keeps its last complete checkpoint; continue it with --resume", err=True)
+            sys.exit(130)
 
     return wrapper
 
 
-def _ints(value: str, what: str) -> list[int]:
+def _ints(value: str, what: str, count: int | None = None) -> list[int]:
+    """Comma-separated positive integers (exactly `count` of them if given)."""
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        values = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"{what} must be comma-separated integers, got {value!r}") from None
+        values = []
+    if not values or min(values) < 1 or (count is not None and len(values) != count):
+        n = f"{count} " if count else ""
+        raise ValueError(f"{what} must be {n}comma-separated positive integers, got {value!r}")
+    return values
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,7 +93,7 @@ def export(model_name, out, num_classes, input_shape, norm, width, stages, opset
     classes = load_device_classes(devices)
     check_backends(tuple(b.strip() for b in backends.split(",") if b.strip()), classes,
                    OptimizerConfig(optimizer, momentum, weight_decay))
-    model = load_model(model_name, num_classes, tuple(_ints(input_shape, "--input-shape")), norm, width, seed)
+    model = load_model(model_name, num_classes, tuple(_ints(input_shape, "--input-shape (C,H,W)", 3)), norm, width, seed)
     manifest = export_model(
         model, out, classes, kinds=tuple(k.strip() for k in stages.split(",") if k.strip()), opset=opset,
         batch_size=batch_size, optimizer=OptimizerConfig(optimizer, momentum, weight_decay), safety_margin=margin,
@@ -119,7 +127,7 @@ def _sim_options(fn):
                      show_default=True, help="dirichlet: each class split by Dir(alpha), sizes vary; label-dirichlet: "
                      "equal sizes, each device's label mix from Dir(alpha); shards: 2 label shards a device."),
         click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration."),
-        click.option("--devices", default=20, show_default=True),
+        click.option("--devices", type=int, default=None, help="Number of devices [default: 20, or the --fleet's length]."),
         click.option("--per-round", default=5, show_default=True),
         click.option("--rounds", default=30, show_default=True,
                      help="Round budget: a run trains exactly this many rounds (the plan's last phase takes what is left) "
@@ -134,49 +142,63 @@ def _sim_options(fn):
                      help="JSON list of device budgets in MB (one per device) instead of ProFL's fleet."),
         click.option("--target", type=float, default=None, help="Target accuracy for rounds/time-to-target."),
         click.option("--pace", "pace", multiple=True,
-                     help="Pace setting KEY=VALUE (window, slope_window, slope_threshold, em_threshold, min_rounds, max_rounds)."),
+                     help=f"Pace setting KEY=VALUE, repeatable: {', '.join(_pace_keys())}."),
         click.option("--option", "options", multiple=True,
-                     help="Plan option KEY=VALUE (profl: shrink_rounds, distill_rounds caps, distill_lr; neulite: order; ...)."),
+                     help=f"Plan option KEY=VALUE, repeatable: {_option_keys()}."),
         click.option("--max-rejected-rounds", default=3, show_default=True,
-                     help="Stop with an error once this many rounds in a row had every update rejected (NaN/Inf); 0: never."),
+                     help="Stop with an error once this many rounds in a row had no update accepted; 0: never."),
+        click.option("--outlier-k", default=10.0, show_default=True,
+                     help="Drop an update farther from the global weights than k x the round's median distance; 0: never."),
     ]):
         fn = opt(fn)
     return fn
 
 
-def _kv(pairs: tuple[str, ...], what: str) -> dict:
+def _kv(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    """KEY=VALUE pairs as strings: their types are the settings' own (progfl.server.settings)."""
     out = {}
     for p in pairs:
         key, sep, value = p.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{what} must be KEY=VALUE, got {p!r}")
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = value
+        if not sep or not key.strip():
+            raise ValueError(f"{what} must be KEY=VALUE, got {p!r}")
+        out[key.strip()] = value.strip()
     return out
 
 
 def _sim_config(plan, out, kw) -> SimConfig:
-    from .server.simulation import SimConfig
-
     import json
     from pathlib import Path
+
+    from .server.simulation import SimConfig
 
     kw = dict(kw)
     kw["pace"], kw["options"] = _kv(kw.pop("pace"), "--pace"), _kv(kw.pop("options"), "--option")
     fleet_file = kw.pop("fleet_file")
     if fleet_file:
         try:
-            kw["fleet"] = [float(b) for b in json.loads(Path(fleet_file).read_text())]
+            fleet = json.loads(Path(fleet_file).read_text())
+            kw["fleet"] = [float(b) for b in fleet]
         except (ValueError, TypeError) as e:
             raise ValueError(f"{fleet_file}: not a JSON list of budgets in MB ({e})") from None
-        kw["devices"] = len(kw["fleet"])
+        if kw["devices"] is None:
+            kw["devices"] = len(kw["fleet"])
+    if kw["devices"] is None:
+        kw["devices"] = 20
     return SimConfig(plan=plan, out=out, **kw)
+
+
+def _pace_keys() -> list[str]:
+    from .server.pace import PaceConfig
+    from .server.settings import known_keys
+
+    return known_keys(PaceConfig)
+
+
+def _option_keys() -> str:
+    from .server.plans import PLANS
+    from .server.settings import known_keys
+
+    return "; ".join(f"{name}: {', '.join(known_keys(p.Options))}" for name, p in PLANS.items() if known_keys(p.Options))
 
 
 @main.command()
@@ -191,11 +213,9 @@ def simulate(plan, out, resume, engine, **kw) -> None:
     """Run one plan on N virtual devices with the real device runtime; writes history, report and plots."""
     cfg = _sim_config(plan, out, kw)
     if engine == "flower":
-        if resume:
-            raise click.UsageError("--resume is not supported with --engine flower")
         from .server.flower_sim import run_flower_simulation
 
-        run = run_flower_simulation(cfg)
+        run = run_flower_simulation(cfg, resume=resume)
     else:
         from .server.simulation import run_simulation
 
@@ -218,7 +238,9 @@ def compare(plans, out, **kw) -> None:
     from .server.simulation import run_simulation
 
     names = [p.strip() for p in plans.split(",") if p.strip()]
-    configs = [_sim_config(p, str(Path(out) / p), kw) for p in names]  # every setting checked before any run
+    configs = [_sim_config(p, str(Path(out) / p), kw) for p in names]
+    for cfg in configs:  # every setting of every plan checked before any run
+        cfg.check()
     runs, diverged = [], []
     for name, cfg in zip(names, configs):
         try:

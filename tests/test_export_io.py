@@ -107,8 +107,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "resnet99"], "unknown model 'resnet99'"),
-    (["--input-shape", "28,28"], "do not accept input shape [28, 28]"),
-    (["--input-shape", "1,0,28"], "do not accept input shape [1, 0, 28]"),
+    (["--input-shape", "28,28"], "--input-shape (C,H,W) must be 3 comma-separated positive integers, got '28,28'"),
+    (["--input-shape", "3,32"], "--input-shape (C,H,W) must be 3"),
+    (["--input-shape", "1,0,28"], "must be 3 comma-separated positive integers, got '1,0,28'"),
     (["--input-shape", "3,x,32"], "--input-shape"),
     (["--opset", "16"], "opset 16"),
     (["--opset", "22"], "opset 22"),

@@ -1,14 +1,10 @@
-"""progfl on Flower 1.41: a real loopback deployment (SuperLink + 3 SuperNodes, `flwr run`) and the simulation engine."""
+"""progfl on Flower 1.41: a real loopback deployment (SuperLink + 3 SuperNodes, `flwr run`) and the simulation engine
+(Ray): honest memory, federated evaluation, resume, divergence."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,8 @@ from progfl.server.fleet import required_mb
 from progfl.server.plans import PlanConfig, make_plan
 from progfl.server.state import load_state
 
-BIN = Path(sys.executable).parent
+from loopback import Deployment
+
 APP = Path(__file__).resolve().parent.parent / "progfl" / "flower_app"
 PACE = {"window": 2, "slope_window": 2, "min_rounds": 1}
 
@@ -37,174 +34,57 @@ def artifacts(tmp_path_factory):
     return folder
 
 
-# ---- process handling: every process started here is stopped by pid, with its descendants ----
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(p.name))
-    return tree
-
-
-def _descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for c in tree.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except OSError:
-        return False
-
-
-def _stop(procs: list[subprocess.Popen], extra: set[int]) -> list[int]:
-    """SIGTERM each started process and every descendant seen (by pid), wait, SIGKILL what remains."""
-    pids = set(extra)
-    for p in procs:
-        pids.add(p.pid)
-        pids.update(_descendants(p.pid))
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 20
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            pass
-    while time.time() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    time.sleep(0.5)
-    return [pid for pid in pids if _alive(pid)]
-
-
-def _env(home: Path) -> dict[str, str]:
-    home.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> dict:
-    r = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    start = r.stdout.find("{")
-    if start < 0:
-        raise AssertionError(f"flwr {' '.join(args)} printed no JSON:\n{r.stdout}\n{r.stderr}")
-    return json.loads(r.stdout[start:])
-
-
 def test_deployment_superlink_three_supernodes(artifacts, tmp_path):
+    """A loopback deployment (insecure; tests/test_flower_secure.py runs TLS + node auth): 3 SuperNodes of different
+    memory. Each node reports its transport baseline (SuperNode + ClientApp, measured); the server sizes with
+    memory minus baseline; the training runs in its own process; so every device-round fits the node's whole memory.
+    The devices also score each round's model on their own held-out shards (federated evaluation)."""
     manifest = Manifest.load(artifacts)
-    plan = make_plan("profl", manifest, PlanConfig(rounds=2))
-    first = plan.phases[0].stage
     need = {s.name: required_mb(manifest, s.name) for s in manifest.stages}
-    small = need[first] - 0.5  # cannot hold the first stage (even at micro-batch 1)
-    big = max(need.values()) + 40.0
-    budgets = [big, big + 10.0, small]
-    assert not size_stage(manifest.stage(first), small, manifest.batch_size, manifest.safety_margin).fits
+    budgets = [1024.0, 1124.0, 100.0]  # the 100 MB node cannot hold its transport and any stage
 
     train, test = load_dataset("digits", seed=0)
     write_shards(train, iid(train.y, 3, np.random.default_rng(0)), tmp_path / "data")
+    write_shards(test, iid(test.y, 3, np.random.default_rng(1)), tmp_path / "eval")
     write_dataset(test, tmp_path / "test.npz")
 
-    port = _free_port()
-    procs: list[subprocess.Popen] = []
-    logs = []
-    seen: set[int] = set()
-    try:
-        log = open(tmp_path / "superlink.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-             "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation"],
-            env=_env(tmp_path / "home-link"), stdout=log, stderr=subprocess.STDOUT))
+    with Deployment(tmp_path / "deploy", tls=False) as d:
+        d.start_superlink()
         for i, b in enumerate(budgets):
-            log = open(tmp_path / f"supernode{i}.log", "w")
-            logs.append(log)
-            cfg = (f'memory-mb={b} data-path="{tmp_path / "data" / f"device_{i:04d}.npz"}" '
-                   f'artifacts-dir="{tmp_path / f"cache{i}"}" backend="ort" threads=1 device-id={i}')
-            procs.append(subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                 "--port", str(_free_port()), "--node-config", cfg],
-                env=_env(tmp_path / f"home-node{i}"), stdout=log, stderr=subprocess.STDOUT))
-        cli_home = tmp_path / "home-cli"
-        env = _env(cli_home)
-        (cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+            d.start_supernode(f"node{i}", f'memory-mb={b} data-path="{tmp_path / "data" / f"device_{i:04d}.npz"}" '
+                                          f'eval-data-path="{tmp_path / "eval" / f"device_{i:04d}.npz"}" '
+                                          f'artifacts-dir="{tmp_path / f"cache{i}"}" backend="ort" threads=1 '
+                                          f'device-id={i}')
         run_cfg = (f'artifacts="{artifacts}" out="{tmp_path / "run"}" test-data="{tmp_path / "test.npz"}" '
                    f'plan="profl" rounds=2 per-round=3 seed=1 lr=0.05 epochs=1 min-nodes=3 query-timeout=120.0 '
                    f'round-timeout=300.0 pace=\'{json.dumps(PACE)}\'')
-        deadline = time.time() + 60
-        while True:  # the SuperLink needs a moment before it accepts runs
-            started = _flwr(["run", str(APP), "deploy", "--run-config", run_cfg], env)
-            if started.get("success") or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert started.get("success"), started
-        run_id = started["run-id"]
-        status, deadline = "", time.time() + 150
-        while time.time() < deadline:
-            for p in procs:  # remember descendants (superexec, serverapp, clientapps) while they exist
-                seen.update(_descendants(p.pid))
-            runs = _flwr(["ls", "deploy", "--run-id", run_id], env, timeout=60)["runs"]
-            status = runs[0]["status"] if runs else ""
-            if status.startswith("finished"):
-                break
-            time.sleep(2)
-        assert status == "finished:completed", (status, (tmp_path / "superlink.log").read_text()[-3000:])
-    finally:
-        for p in procs:
-            seen.update(_descendants(p.pid))
-        left = _stop(procs, seen)
-        for f in logs:
-            f.close()
-    assert not left, f"processes left running: {left}"
+        run_id = d.run(APP, run_cfg)
+        status = d.wait(run_id, timeout=180)
+        if status != "finished:completed":
+            pytest.fail(f"run {run_id}: {status!r}\n{d.run_log(run_id)[-4000:]}")
+    assert not d.left, f"processes left running: {d.left}"
 
     h = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [r["round"] for r in h["rounds"]] == [1, 2]
-    assert sorted(d["budget_mb"] for d in h["fleet"]) == sorted(budgets)
-    small_id = next(d["id"] for d in h["fleet"] if d["budget_mb"] == small)
+    fleet = {f["id"]: f for f in h["fleet"]}
+    assert [fleet[i]["memory_mb"] for i in range(3)] == budgets
+    for f in fleet.values():  # measured: at least the ClientApp's Python + flwr, and a sizing that subtracts it
+        assert 30.0 < f["baseline_mb"] < 1000.0 and f["budget_mb"] == pytest.approx(f["memory_mb"] - f["baseline_mb"])
+    assert fleet[2]["budget_mb"] < min(need.values())
     for r in h["rounds"]:
         assert not r["failed"], r["failed"]
-        assert r["participants"] and 0.0 <= r["accuracy"] <= 1.0
-        fits = size_stage(manifest.stage(r["stage"]), small, manifest.batch_size, manifest.safety_margin).fits
-        if not fits:
-            assert small_id not in r["participants"]
-        assert all(d["peak_mb"] > 0 and d["samples"] > 0 for d in r["devices"])
-    # the small node never received the files of the stage it cannot hold; the others did, once
-    sha = (tmp_path / "cache0").iterdir().__next__().name
-    train_file = manifest.stage(first).files["training"].path
-    assert (tmp_path / "cache0" / sha / train_file).exists()
-    assert not (tmp_path / "cache2" / sha / train_file).exists()
+        assert sorted(r["participants"]) == [0, 1] and 0.0 <= r["accuracy"] <= 1.0
+        for dev in r["devices"]:  # the training's own peak plus the transport's: under the node's memory
+            assert dev["peak_mb"] > 0 and dev["peak_mb"] + dev["baseline_mb"] <= fleet[dev["id"]]["memory_mb"]
+            assert not dev["over_budget"] and not dev["torch_imported"]
+        ev = r["device_eval"]  # the two participants scored the new model on their held-out shards
+        assert ev["samples"] == sum(len(np.load(tmp_path / "eval" / f"device_{i:04d}.npz")["y"]) for i in (0, 1))
+        assert 0.0 <= ev["accuracy"] <= 1.0 and np.isfinite(ev["loss"])
+    # the small node never received a stage's files; the others did, once
+    sha = next((tmp_path / "cache0").iterdir()).name
+    first = make_plan("profl", manifest, PlanConfig(rounds=2)).phases[0].stage
+    assert (tmp_path / "cache0" / sha / manifest.stage(first).files["training"].path).exists()
+    assert not (tmp_path / "cache2").exists() or not any((tmp_path / "cache2").rglob("*.onnx"))
     initial = manifest.initial_weights(artifacts)
     final = load_state(tmp_path / "run").arrays
     assert set(final) == set(initial)
@@ -235,7 +115,7 @@ def test_simulation_engine_ten_nodes(artifacts, tmp_path):
     assert any(not np.array_equal(final[n], initial[n]) for n in initial)
 
 
-def test_simulation_engine_stops_on_divergence(artifacts, tmp_path):
+def test_simulation_engine_stops_on_divergence(artifacts, tmp_path, caplog):
     """The Flower strategy honours max_rejected_rounds like progfl simulate: lr 1e30 makes every update NaN."""
     from progfl.server.divergence import Diverged
     from progfl.server.flower_sim import run_flower_simulation
@@ -245,8 +125,41 @@ def test_simulation_engine_stops_on_divergence(artifacts, tmp_path):
     fleet = [max(required_mb(manifest, s.name) for s in manifest.stages) + 10.0] * 3
     cfg = SimConfig(plan="fedavg", artifacts=str(artifacts), out=str(tmp_path / "run"), dataset="digits", devices=3,
                     per_round=2, rounds=5, epochs=1, lr=1e30, workers=2, seed=1, fleet=fleet, max_rejected_rounds=2)
-    with pytest.raises(Diverged, match="rounds 1, 2"):
+    with caplog.at_level(logging.WARNING, logger="progfl.server"), pytest.raises(Diverged, match="rounds 1, 2"):
         run_flower_simulation(cfg, quiet=True)
+    logged = [r.getMessage() for r in caplog.records if r.name == "progfl.server"]
+    assert sum("failed round" in m and "training diverged" in m for m in logged) == 4, logged  # 2 nodes x 2 rounds
     h = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [r["round"] for r in h["rounds"]] == [1, 2]
-    assert all(r["participants"] and len(r["dropped"]) == len(r["participants"]) for r in h["rounds"])
+    for r in h["rounds"]:  # the nodes replied with an error instead of a NaN update; the server logged and kept it
+        assert r["selected"] and not r["participants"] and r["kept_previous"]
+        assert all("training diverged" in why for _, why in r["failed"]), r["failed"]
+
+
+def test_simulation_engine_resume_is_exact(artifacts, tmp_path):
+    """A Flower run stopped after round 1 and resumed ends with the same weights and the same choices as one run
+    straight through: the round engine's checkpoint carries the plan, the pace window and the random stream."""
+    from progfl.server.flower_sim import run_flower_simulation
+    from progfl.server.rounds import Stopped
+    from progfl.server.simulation import SimConfig
+
+    def cfg(out):
+        return SimConfig(plan="profl", artifacts=str(artifacts), out=str(out), dataset="digits", devices=4,
+                         per_round=2, rounds=3, epochs=1, workers=2, seed=3, pace=PACE,
+                         options={"shrink_rounds": 1, "distill_rounds": 1})
+
+    whole = run_flower_simulation(cfg(tmp_path / "whole"), quiet=True)
+    with pytest.raises(Stopped):
+        run_flower_simulation(cfg(tmp_path / "split"), quiet=True, stop_after=1)
+    assert load_state(tmp_path / "split").round == 1
+    resumed = run_flower_simulation(cfg(tmp_path / "split"), resume=True, quiet=True)
+    a, b = load_state(whole), load_state(resumed)
+    assert a.round == b.round == 3
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+    ha = json.loads((whole / "history.json").read_text())["rounds"]
+    hb = json.loads((resumed / "history.json").read_text())["rounds"]
+    assert [(r["stage"], r["participants"]) for r in ha] == [(r["stage"], r["participants"]) for r in hb]
+    for r in hb:  # no device failed, and the round's participants scored the model on their held-out shards
+        assert not r["failed"], r["failed"]
+        assert r["device_eval"]["samples"] > 0 if r["participants"] else r["device_eval"] is None

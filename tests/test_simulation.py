@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -86,14 +91,12 @@ def test_resume_gives_the_same_weights(artifacts, tmp_path):
     assert [r["participants"] for r in ha] == [r["participants"] for r in hb]
 
 
-def test_round_without_eligible_devices_keeps_weights(artifacts, tmp_path):
-    run = run_simulation(config(artifacts, tmp_path / "none", "exclusive", devices=3, fleet=[60.0, 61.0, 62.0]),
-                         quiet=True)
-    h = json.loads((run / "history.json").read_text())
-    assert all(r["participants"] == [] and r["kept_previous"] for r in h["rounds"])
-    initial = Manifest.load(artifacts).initial_weights(artifacts)
-    for name, value in load_state(run).arrays.items():
-        np.testing.assert_array_equal(value, initial[name])
+def test_a_fleet_that_fits_no_stage_is_refused(artifacts, tmp_path):
+    """Every round would run without participants: refused before the run folder exists."""
+    with pytest.raises(ValueError, match="no device of the fleet .* can hold any of its stages"):
+        run_simulation(config(artifacts, tmp_path / "none", "exclusive", devices=3, fleet=[60.0, 61.0, 62.0]),
+                       quiet=True)
+    assert not (tmp_path / "none").exists()
 
 
 def test_bad_simulation_input(artifacts, tmp_path):
@@ -127,9 +130,10 @@ def test_divergence_stops_the_run_with_exit_code_2(artifacts, tmp_path):
     assert "--lr" in message[0] and "--epochs" in message[0] and "normalised output module" in message[0]
     h = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in h["rounds"]] == [1, 2, 3]
-    for r in h["rounds"]:
-        assert r["participants"] and len(r["dropped"]) == len(r["participants"]) and r["kept_previous"]
-        assert all("NaN or Inf" in why for _, why in r["dropped"])
+    for r in h["rounds"]:  # every device refused to send its diverged update: failed, none accepted
+        assert r["selected"] and not r["participants"] and r["kept_previous"]
+        assert [d for d, _ in r["failed"]] == r["selected"]
+        assert all("training diverged" in why for _, why in r["failed"]), r["failed"]
     assert load_state(out).round == 3
 
 
@@ -153,3 +157,126 @@ def test_compare_runs_every_plan_when_one_diverges(artifacts, tmp_path):
     for plan in ("fedavg", "exclusive"):
         assert [r["round"] for r in json.loads((out / plan / "history.json").read_text())["rounds"]] == [1, 2]
     assert "| fedavg |" in result.output and "| exclusive |" in result.output and (out / "report.md").exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "progfl.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pace", "windw=2"], "--pace: unknown key 'windw' (known keys: window, sample_size, slope_window"),
+    (["--pace", "window=abc"], "--pace window must be an integer, got 'abc'"),
+    (["--pace", "window"], "--pace must be KEY=VALUE, got 'window'"),
+    (["--pace", "min_rounds=5", "--pace", "max_rounds=2"], "need 1 <= min_rounds <= max_rounds"),
+    (["--option", "shrink_rounds=abc"], "plan profl --option shrink_rounds must be an integer, got 'abc'"),
+    (["--option", "shrink_round=2"], "unknown key 'shrink_round' (known keys: shrink_rounds, distill_rounds"),
+    (["--option", "distill_lr=nan"], "--option distill_lr must be a finite number"),
+    (["--plan", "exclusive", "--option", "order=x"], "plan exclusive --option: unknown key 'order' (known keys: none)"),
+    (["--plan", "neulite", "--option", "order=random"], "order must be one of sequential, round-robin"),
+    (["--devices", "4"], "the fleet lists 2 budgets for 4 devices"),
+    (["--fleet-budgets", "10,11"], "no device of the fleet (budgets 10..11 MB) can hold any of its stages"),
+    (["--resume"], "no checkpoint to resume from"),
+    (["--outlier-k", "-1"], "outlier-k >= 0"),
+    (["--partition", "dirichlet", "--alpha", "0"], "alpha must be > 0"),
+])
+def test_simulate_refuses_bad_input_before_any_work(artifacts, tmp_path, args, message):
+    """One line on stderr, exit 2, and nothing written: no run folder, no data, no round."""
+    fleet = tmp_path / "fleet.json"
+    budgets = [10.0, 11.0] if "--fleet-budgets" in args else FLEET[:2]
+    args = [a for a in args if a not in ("--fleet-budgets", "10,11")]
+    fleet.write_text(json.dumps(budgets))
+    out = tmp_path / "run"
+    r = _cli("simulate", "--artifacts", str(artifacts), "--out", str(out), "--dataset", "digits", "--fleet", str(fleet),
+             "--rounds", "2", "--epochs", "1", *args)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not out.exists(), "a refused run wrote its folder"
+
+
+def test_resume_without_checkpoint_leaves_a_foreign_folder_alone(artifacts, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = _cli("simulate", "--artifacts", str(artifacts), "--out", str(out), "--dataset", "digits", "--resume")
+    assert r.returncode == 2 and "no checkpoint to resume from" in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_device_never_writes_a_diverged_update(artifacts, tmp_path):
+    """lr 1e30: the local round's weights go NaN; the device fails the task (exit 2, one line) and writes nothing,
+    and its JSON line is never printed with NaN."""
+    from progfl.data import load_dataset
+
+    train, _ = load_dataset("digits", seed=0)
+    np.savez(tmp_path / "shard.npz", x=train.x[:64], y=train.y[:64])
+    out = tmp_path / "update.npz"
+    r = _cli("device", "train", "--artifacts", str(artifacts), "--stage", "full", "--data", str(tmp_path / "shard.npz"),
+             "--lr", "1e30", "--epochs", "1", "--out", str(out), "--backend", "ort")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "training diverged" in r.stderr, r.stderr
+    assert not out.exists() and "NaN" not in r.stdout
+    ok = _cli("device", "train", "--artifacts", str(artifacts), "--stage", "full", "--data", str(tmp_path / "shard.npz"),
+              "--epochs", "1", "--out", str(out), "--backend", "ort")
+    assert ok.returncode == 0 and out.exists(), ok.stderr
+    json.loads(ok.stdout)  # valid JSON
+
+
+def _start_simulate(artifacts, tmp_path, out, rounds: int) -> subprocess.Popen:
+    """`progfl simulate` in its own session (a terminal's Ctrl-C reaches its whole process group)."""
+    fleet = tmp_path / "fleet.json"
+    fleet.write_text(json.dumps(FLEET))
+    return subprocess.Popen(
+        [sys.executable, "-m", "progfl.cli", "simulate", "--plan", "fedavg", "--artifacts", str(artifacts), "--out",
+         str(out), "--dataset", "digits", "--fleet", str(fleet), "--per-round", "3", "--rounds", str(rounds),
+         "--epochs", "3", "--seed", "1", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_jobs(p: subprocess.Popen, out, timeout: float = 120) -> list[int]:
+    """Wait until a round has been checkpointed and device jobs run again; every descendant of p then."""
+    from loopback import descendants
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = descendants(p.pid)
+        grandchildren = [k for k in kids if any(True for _ in descendants(k))]  # the forkserver has jobs
+        if (out / "checkpoint" / "state.json").exists() and grandchildren:
+            return kids
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("no round in progress seen")
+
+
+def test_ctrl_c_finishes_the_checkpoint_and_exits_130(artifacts, tmp_path):
+    out = tmp_path / "run"
+    p = _start_simulate(artifacts, tmp_path, out, rounds=40)
+    _wait_for_jobs(p, out)
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the server and its device processes
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted:"), err
+    stopped = load_state(out)  # whole, and loadable
+    assert 1 <= stopped.round < 40
+    assert not list(out.glob(".checkpoint.tmp.*"))
+
+
+def test_no_process_outlives_a_killed_server_and_resume_continues(artifacts, tmp_path):
+    from loopback import alive
+
+    out = tmp_path / "run"
+    p = _start_simulate(artifacts, tmp_path, out, rounds=6)
+    kids = _wait_for_jobs(p, out)
+    assert kids, "no forkserver, tracker or device process seen"
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=30)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(k) for k in kids):
+        time.sleep(0.2)
+    assert not [k for k in kids if alive(k)], "processes of the killed server still run 10 s later"
+    done = load_state(out).round
+    r = _cli("simulate", "--plan", "fedavg", "--artifacts", str(artifacts), "--out", str(out), "--dataset", "digits",
+             "--fleet", str(tmp_path / "fleet.json"), "--per-round", "3", "--rounds", "6", "--epochs", "3", "--seed",
+             "1", "--workers", "2", "--resume")
+    assert r.returncode == 0, r.stderr
+    h = json.loads((out / "history.json").read_text())
+    assert [x["round"] for x in h["rounds"]] == list(range(1, 7)) and done < 6

@@ -1,6 +1,12 @@
 """The progfl server: pacing (when to freeze a block), aggregation, participant selection, checkpoints.
 
 numpy + standard library only (no torch, no onnx): the server also runs inside Flower apps.
+
+    rounds      RoundEngine: one run's rounds (configure, aggregate, commit), written once for every transport
+    simulation  the local transport (`progfl simulate`): device processes on this machine (workers.DevicePool)
+    flower      the Flower transport: a ServerApp whose strategy drives the round engine
+    plans/      one small file per plan; settings: typed --pace/--option keys
+    pace, selection, aggregate, state, divergence, evaluate, fleet, report: the pieces the engine composes
 """
 
 from progfl.server.aggregate import Aggregator

@@ -1,8 +1,9 @@
 """The divergence stop shared by both round loops (progfl simulate and the Flower strategy).
 
-A run whose every update is rejected by aggregation (NaN/Inf weights, ...) keeps the previous global weights
-round after round: it can only waste the rest of its budget. After k consecutive such rounds that had
-participants (rounds where nobody could train neither count nor break the streak), the run stops with Diverged.
+A run in which no update is accepted (devices report that training diverged, or aggregation rejects what they send)
+keeps the previous global weights round after round: it can only waste the rest of its budget. After k
+consecutive such rounds that had devices selected (rounds where nobody could train neither count nor break the
+streak), the run stops with Diverged.
 The streak is read from the round records, so a resumed run continues it exactly.
 """
 
@@ -12,17 +13,17 @@ from typing import Any
 
 
 class Diverged(ValueError):
-    """Training diverged: every update of the last k rounds with participants was rejected (a user setting, so the
+    """Training diverged: no update of the last k rounds with selected devices was accepted (a user setting, so the
     CLI turns it into one line and exit code 2)."""
 
 
 def rejected_streak(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trailing rounds with participants whose every update was rejected, oldest first."""
+    """The trailing rounds with selected devices of which no update was accepted, oldest first."""
     streak: list[dict[str, Any]] = []
     for record in reversed(history):
-        if not record.get("participants"):
+        if not (record.get("selected") or record.get("participants")):
             continue  # nobody trained: says nothing about divergence
-        if len(record.get("dropped") or []) < len(record["participants"]):
+        if len(record.get("dropped") or []) < len(record.get("participants") or []):
             break  # at least one update was accepted
         streak.append(record)
     return streak[::-1]
@@ -39,11 +40,12 @@ def check_divergence(history: list[dict[str, Any]], max_rejected_rounds: int, lr
         return
     streak = streak[-max_rejected_rounds:]
     rounds = [r["round"] for r in streak]
-    why = streak[-1]["dropped"][0][1] if streak[-1].get("dropped") else "rejected"
+    last = streak[-1]
+    why = (last.get("failed") or last.get("dropped") or [[None, "rejected"]])[0][1]
     now = ", ".join(x for x in (f"--lr {lr:g}" if lr is not None else "",
                                 f"--epochs {epochs}" if epochs is not None else "") if x)
     raise Diverged(
-        f"training diverged: every update of rounds {', '.join(map(str, rounds))} (stage {streak[-1].get('stage')}) "
-        f"was rejected by aggregation (e.g. {why}); the run stopped after round {rounds[-1]}, its checkpoint and "
+        f"training diverged: no update of rounds {', '.join(map(str, rounds))} (stage {last.get('stage')}) was "
+        f"accepted (e.g. {why}); the run stopped after round {rounds[-1]}, its checkpoint and "
         f"history.json are kept. Try a lower --lr, fewer --epochs" + (f" (now {now})" if now else "")
         + ", or, for a progressive plan, a normalised output module (BatchNorm in its basic layers)")

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..device_runtime.backend import RuntimeOptions
 from ..device_runtime.ort_backend import InferenceFile, session_options
+from ..device_runtime.trainer import score
 from ..manifest import Manifest
 
 
@@ -29,9 +30,6 @@ class Evaluator:
         f.bind(arrays)
         correct, loss = 0, 0.0
         for i in range(0, len(self.x), self.batch):
-            logits = f.run({"inputs": self.x[i:i + self.batch]}).astype(np.float64)
-            y = self.y[i:i + self.batch]
-            z = logits - logits.max(axis=1, keepdims=True)
-            loss -= float((z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum())
-            correct += int((logits.argmax(axis=1) == y).sum())
+            c, l_ = score(f.run({"inputs": self.x[i:i + self.batch]}), self.y[i:i + self.batch])
+            correct, loss = correct + c, loss + l_
         return correct / len(self.y), loss / len(self.y)

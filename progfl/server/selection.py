@@ -12,7 +12,10 @@ from progfl.manifest import Sizing, Stage, size_stage
 
 @dataclass
 class DeviceInfo:
-    """What the server knows about a device; `speed` (samples/s) is refreshed with measured values."""
+    """What the server knows about a device; `speed` (samples/s) is refreshed with measured values.
+
+    budget_mb is what training may use: on Flower, the node's memory minus `baseline_mb`, what its transport (the
+    SuperNode and the ClientApp process) holds on the same board."""
 
     id: int
     budget_mb: float
@@ -20,6 +23,7 @@ class DeviceInfo:
     label_hist: np.ndarray  # sample count per class
     speed: float = 1.0
     backend: str = "ort"  # what it trains with: its stages are sized by that backend's peaks
+    baseline_mb: float = 0.0
 
     def sizing(self, stage: Stage, batch: int, margin: float) -> Sizing:
         return size_stage(stage, self.budget_mb, batch, margin, backend=self.backend)

@@ -1,0 +1,265 @@
+"""The round engine: one run's rounds, written once for every transport.
+
+A transport (progfl simulate's local device processes in simulation.py, the Flower strategy in flower.py) only
+moves tasks to devices and updates back. One round, in order:
+
+    rnd = engine.configure(devices)            # the plan picks devices and writes their TrainTasks
+    ...the transport runs rnd.tasks on the devices...
+    record = engine.aggregate(rnd, results, failed)   # accepted updates folded into the global arrays
+    ...(Flower: the devices evaluate the new model on their held-out data and add it to the record)...
+    engine.commit(record)                      # server-side evaluation, history.json, checkpoint; stops on divergence
+
+The engine owns the settings, the plan, the server state and its random stream, so a run stopped after any
+round (Ctrl-C, kill -9, divergence) resumes exactly, whatever the transport.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..manifest import Manifest, TrainTask, TrainUpdate, write_atomic
+from .divergence import check_divergence
+from .evaluate import Evaluator
+from .pace import PaceConfig
+from .plans import Plan, PlanConfig, make_plan
+from .selection import DeviceInfo
+from .settings import given, parse_settings
+from .state import ServerState, StateError, load_state, restore_rng, save_state
+
+log = logging.getLogger("progfl.server")
+
+
+@dataclass(kw_only=True)
+class RunSettings:
+    """What every run needs, whatever moves its messages (progfl simulate and the Flower app extend it)."""
+
+    artifacts: str
+    out: str
+    plan: str = "profl"
+    rounds: int = 30  # the round budget: a run trains exactly this many rounds unless it diverges
+    per_round: int = 5
+    epochs: int = 5  # local epochs, as ProFL's authors
+    lr: float = 0.01  # SGD lr, as ProFL's authors (momentum 0.9, weight decay 5e-4 and batch 32 are set at export)
+    seed: int = 0
+    pace: dict[str, Any] = field(default_factory=dict)  # PaceConfig keys
+    options: dict[str, Any] = field(default_factory=dict)  # the plan's Options keys
+    outlier_k: float = 10.0  # drop an update farther than k x the round's median distance (0: never)
+    max_rejected_rounds: int = 3  # stop (Diverged) after this many rounds in a row with no update accepted; 0: never
+    target: float | None = None  # accuracy for rounds/time-to-target in the report
+
+    def check(self) -> tuple[Manifest, Plan]:
+        """Every setting and the artifacts, before any work; pace and options come back typed. Returns the
+        manifest and the plan built from these settings."""
+        if self.per_round < 1 or self.rounds < 1 or self.epochs < 1:
+            raise ValueError("per-round, rounds and epochs must be >= 1")
+        if not (np.isfinite(self.lr) and self.lr > 0) or self.max_rejected_rounds < 0 or not self.outlier_k >= 0:
+            raise ValueError("lr must be > 0, max-rejected-rounds >= 0 and outlier-k >= 0")
+        pace = parse_settings(PaceConfig, self.pace, "--pace")
+        manifest = Manifest.load(self.artifacts)
+        manifest.verify_files(self.artifacts)
+        plan = make_plan(self.plan, manifest, PlanConfig(
+            rounds=self.rounds, per_round=self.per_round, lr=self.lr, epochs=self.epochs, seed=self.seed, pace=pace,
+            options=dict(self.options), outlier_k=self.outlier_k))
+        self.pace, self.options = given(pace, self.pace), given(plan.options, self.options)
+        return manifest, plan
+
+
+@dataclass
+class Round:
+    """What one round sent, until its updates are folded in."""
+
+    number: int
+    stage: str
+    eligible: int
+    tasks: list[tuple[DeviceInfo, TrainTask]]
+    started: float
+
+
+class Stopped(Exception):
+    """The run was stopped on purpose after a round (tests; a user presses Ctrl-C instead)."""
+
+
+class RoundEngine:
+    """One run: its folder, settings, plan and state; the transport calls configure, aggregate, commit."""
+
+    def __init__(self, settings: RunSettings, resume: bool = False, extra_config: dict[str, Any] | None = None,
+                 quiet: bool = False, stop_after: int | None = None):
+        """Checks the settings, the artifacts and the run folder, then makes the folder. The checkpoint records the
+        settings (plus `extra_config`, e.g. the transport); a resume must present the same."""
+        self.settings, self.quiet, self.stop_after = settings, quiet, stop_after
+        self.manifest, self.plan = settings.check()
+        self.run = Path(settings.out)
+        has_checkpoint = self.run.is_dir() and any((self.run / c / "state.json").exists()
+                                                   for c in ("checkpoint", "checkpoint.old"))
+        if resume and not has_checkpoint:
+            raise StateError(f"{self.run}: no checkpoint to resume from (run without --resume to start it)")
+        if not resume and self.run.exists() and any(self.run.iterdir()):
+            raise ValueError(f"{self.run}: run folder exists and is not empty (use --resume to continue a run)")
+        self.resume, self._created = resume, not self.run.exists()
+        self.config = json.loads(json.dumps({**asdict(settings), **(extra_config or {})}))  # as read back
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.evaluator: Evaluator | None = None
+        self.fleet: dict[int, dict[str, Any]] = {}
+        self.state = self._open_state()
+
+    def _open_state(self) -> ServerState:
+        if self.resume:
+            state = load_state(self.run)
+            if state.config != self.config:
+                changed = sorted(k for k in set(state.config) | set(self.config)
+                                 if state.config.get(k) != self.config.get(k))
+                raise StateError(f"{self.run}: the checkpoint was made with other settings ({', '.join(changed)}); "
+                                 f"resume with the same ones")
+            self.plan.restore(state)
+            try:
+                self.fleet = {d["id"]: d for d in json.loads((self.run / "history.json").read_text())["fleet"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # history.json is rewritten after the next round; the fleet is seen again then
+            return state
+        state = ServerState(round=0, plan=self.plan.name, plan_state={},
+                            arrays=self.manifest.initial_weights(self.settings.artifacts), pace={},
+                            rng=np.random.default_rng([self.settings.seed, 2]).bit_generator.state, config=self.config)
+        self.plan.start(state)
+        return state
+
+    def abandon(self) -> None:
+        """Undo a new run's folder when its set-up fails before the first round: nothing half-written is left."""
+        if self.resume or self.state.history:
+            return
+        if self._created:
+            shutil.rmtree(self.run, ignore_errors=True)
+        else:  # the user's own empty folder: empty it again
+            for p in self.run.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    @property
+    def done(self) -> bool:
+        return self.plan.done(self.state)
+
+    def configure(self, devices: list[DeviceInfo]) -> Round:
+        """This round's (device, task) pairs, chosen by the plan among the devices known now (in id order: on Flower
+        the nodes answer in any order, and the choice must not depend on it)."""
+        devices = sorted(devices, key=lambda d: d.id)
+        for d in devices:
+            self.fleet[d.id] = {"id": d.id, "budget_mb": d.budget_mb, "baseline_mb": d.baseline_mb,
+                                "memory_mb": d.budget_mb + d.baseline_mb}
+        started = time.perf_counter()
+        rng = restore_rng(self.state.rng)
+        eligible = len(self.plan.candidates(devices, self.state))
+        tasks = self.plan.configure_train(self.state, devices, rng)
+        self.state.rng = rng.bit_generator.state
+        return Round(self.state.round + 1, self.plan.stage(self.state).name, eligible, tasks, started)
+
+    def aggregate(self, rnd: Round, results: list[tuple[DeviceInfo, TrainUpdate]],
+                  failed: list[tuple[int, str]]) -> dict[str, Any]:
+        """Fold the round's updates into the global arrays; the record of the round (not yet written)."""
+        results = sorted(results, key=lambda r: r[0].id)  # records must not depend on the order replies arrived in
+        failed = sorted(failed)
+        for device, reason in failed:
+            log.warning("device %s failed round %d (stage %s): %s", device, rnd.number, rnd.stage, reason)
+        record = self.plan.aggregate_train(self.state, results)
+        record["eligible"] = rnd.eligible
+        record["selected"] = [d.id for d, _ in rnd.tasks]
+        record["failed"] = [[d, reason] for d, reason in failed]
+        record["devices"] = [_device_record(d, u) for d, u in results]
+        record["round_seconds"] = max((u.metrics.get("seconds", 0.0) for _, u in results), default=0.0)
+        record["started"] = rnd.started
+        return record
+
+    def commit(self, record: dict[str, Any]) -> None:
+        """Score the global model, then write history.json and the checkpoint. Raises Diverged once every update
+        of the last rounds was rejected, Stopped after `stop_after` rounds."""
+        if self.evaluator is not None:
+            record["accuracy"], record["test_loss"] = self.evaluator.evaluate(record["stage"], self.state.arrays)
+        else:
+            record["accuracy"], record["test_loss"] = None, None
+        record["wall_seconds"] = time.perf_counter() - record.pop("started")
+        self.state.history.append(record)
+        with interrupts_deferred():  # Ctrl-C lands after a whole checkpoint, never inside one
+            save_state(self.state, self.run)
+            self.write_history()
+        if not self.quiet:
+            _progress(self.state.round, self.settings.rounds, record)
+        try:
+            check_divergence(self.state.history, self.settings.max_rejected_rounds, self.settings.lr,
+                             self.settings.epochs)
+        except ValueError:
+            self._end_progress()
+            self.report(quietly=True)
+            raise
+        if self.stop_after is not None and self.state.round >= self.stop_after:
+            raise Stopped(f"stopped after round {self.state.round}")
+
+    def write_history(self) -> None:
+        last = self.state.history[-1]
+        doc = {"plan": self.plan.name, "config": self.config, "fleet": [self.fleet[i] for i in sorted(self.fleet)],
+               "rounds": self.state.history,
+               "final": {"accuracy": last["accuracy"], "rounds": self.state.round, "stage": last["stage"]}}
+        write_atomic(self.run / "history.json", json.dumps(doc, indent=1, default=float).encode())
+
+    def report(self, quietly: bool = False) -> Path | None:
+        """report.md and plots of the rounds written so far. quietly: for a run that stops with an error, where the
+        report helps but must never be the error the user sees (plots need matplotlib, which a server may lack)."""
+        from .report import write_report
+
+        self._end_progress()
+        if not self.state.history:
+            return None
+        try:
+            return write_report([self.run], self.run, self.settings.target)
+        except Exception as e:  # noqa: BLE001
+            if not quietly:
+                raise
+            log.warning("could not write the report of %s: %s", self.run, e)
+            return None
+
+    def _end_progress(self) -> None:
+        if not self.quiet and sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+def _device_record(d: DeviceInfo, u: TrainUpdate) -> dict[str, Any]:
+    peak = u.metrics.get("peak_mb")
+    return {"id": d.id, "budget_mb": d.budget_mb, "baseline_mb": d.baseline_mb, "peak_mb": peak,
+            "seconds": u.metrics.get("seconds"), "samples": u.num_samples,
+            "over_budget": bool(peak is not None and peak > d.budget_mb),
+            "torch_imported": bool(u.metrics.get("torch_imported"))}
+
+
+def _progress(r: int, total: int, record: dict[str, Any]) -> None:
+    acc, em = record.get("accuracy"), record.get("em")
+    line = (f"round {r:>3}/{total} {record['stage']:<10} acc {acc if acc is None else f'{acc:.3f}'} "
+            f"devices {len(record['participants']):>2} em {em if em is None else round(em, 3)}")
+    bar = "#" * int(30 * r / total)
+    sys.stderr.write(f"\r[{bar:<30}] {line}" if sys.stderr.isatty() else f"[{bar:<30}] {line}\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block ends, then raise KeyboardInterrupt: a checkpoint is written whole or not at all.
+    Outside the main thread (a Flower ServerApp may run elsewhere) signals cannot be handled: the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
