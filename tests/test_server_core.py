@@ -265,6 +265,22 @@ def test_an_update_far_from_the_round_median_is_dropped():
     assert 8 not in distant_updates(glob, [*near, edge], ["w", "b"], k=10)
 
 
+def test_a_sign_flipped_model_is_dropped_whatever_its_distance():
+    """w -> -w lands at about 2|g| from the global weights: within 10 x the median when honest rounds move far
+    (early rounds); its cosine with the global weights is what gives it away."""
+    from progfl.server.aggregate import distant_updates, opposed_updates
+
+    rng = np.random.default_rng(1)
+    glob = {"w": rng.normal(0, 1, (2, 2)).astype(np.float32), "b": rng.normal(0, 1, 2).astype(np.float32)}
+    honest = [(i, upd(glob["w"] + rng.normal(0, 0.5, (2, 2)), glob["b"] + rng.normal(0, 0.5, 2), 5)) for i in range(4)]
+    flipped = (9, upd(-honest[0][1].weights["w"], -honest[0][1].weights["b"], 5))
+    dropped = opposed_updates(glob, [*honest, flipped], ["w", "b"])
+    assert list(dropped) == [9] and "points away from the global weights (cosine -" in dropped[9]
+    assert 9 not in distant_updates(glob, [*honest, flipped], ["w", "b"], k=10)  # what the distance rule misses
+    zero = {n: np.zeros_like(a) for n, a in glob.items()}
+    assert opposed_updates(zero, [*honest, flipped], ["w", "b"]) == {}  # no direction to compare with
+
+
 def test_too_few_updates_gives_none_and_merge():
     agg = Aggregator(SPECS, min_updates=2)
     assert agg.result() is None
@@ -370,8 +386,8 @@ def test_checkpoint_round_trip_exact(tmp_path):
     rng = np.random.default_rng(11)
     state = make_state(rng)
     save_state(state, tmp_path)
-    save_state(state, tmp_path)  # overwriting works and leaves nothing behind
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    save_state(state, tmp_path)  # overwriting works and leaves the previous one only, no temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.old"]
     future = rng.random(5)
     back = load_state(tmp_path)
     assert back.round == 4 and back.plan == "profl" and back.plan_state == state.plan_state
@@ -387,7 +403,7 @@ def test_checkpoint_round_trip_exact(tmp_path):
     assert pa.observe(nxt) == pb.observe(nxt) and pa.history == pb.history
 
 
-def test_checkpoint_missing_corrupt_and_crash_recovery(tmp_path):
+def test_checkpoint_missing_corrupt_and_crash_recovery(tmp_path, caplog):
     with pytest.raises(StateError, match="no checkpoint"):
         load_state(tmp_path)
     state = make_state(np.random.default_rng(3))
@@ -395,15 +411,28 @@ def test_checkpoint_missing_corrupt_and_crash_recovery(tmp_path):
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # crash between the two renames
     assert load_state(tmp_path).round == 4
     save_state(state, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
-    data = bytearray((ck / "arrays.npz").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (ck / "arrays.npz").write_bytes(bytes(data))
-    with pytest.raises(StateError, match="corrupt"):
-        load_state(tmp_path)
+    state.round = 5
+    save_state(state, tmp_path)  # round 5 in checkpoint/, round 4 kept in checkpoint.old/
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.old"]
+
+    def damage(path, how):
+        data = bytearray(path.read_bytes())
+        if how == "flip":
+            data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data if how == "flip" else data[:50]))
+
+    for name, how in (("arrays.npz", "flip"), ("state.json", "truncate")):
+        save_state(state, tmp_path)
+        save_state(state, tmp_path)  # both intact again
+        damage(ck / name, how)  # the latest checkpoint is damaged: the previous round's is used, with a warning
+        with caplog.at_level(logging.WARNING, logger="progfl.server"):
+            assert load_state(tmp_path).round == 5
+        assert "corrupt checkpoint" in caplog.text and "redone" in caplog.text
+        caplog.clear()
     save_state(state, tmp_path)
-    (ck / "state.json").write_text((ck / "state.json").read_text()[:50])
-    with pytest.raises(StateError, match="corrupt") as err:
+    damage(ck / "arrays.npz", "flip")
+    damage(tmp_path / "checkpoint.old" / "state.json", "truncate")
+    with pytest.raises(StateError, match="corrupt") as err:  # both damaged: nothing to trust
         load_state(tmp_path)
     assert "\n" not in str(err.value)
 

@@ -1,8 +1,8 @@
 """Sample-weighted FedAvg as running sums: server memory stays O(model), not O(devices x model).
 
 A bad update (missing or unknown array, wrong shape, NaN/Inf in the global dtype, no samples, wrong round or stage,
-or far from the global weights compared with the round's other updates) is dropped with a one-line reason instead of
-poisoning the global model; the round survives. A device's self-reported sample count is capped by what the server
+far from the global weights compared with the round's other updates, or pointing away from them) is dropped with a
+one-line reason instead of poisoning the global model; the round survives. A device's self-reported sample count is capped by what the server
 knows of it, so one claim cannot outweigh the fleet.
 """
 
@@ -150,3 +150,29 @@ def distant_updates(global_arrays: dict[str, np.ndarray], updates: list[tuple[in
         return {}
     return {who: f"moved {d:.3g} from the global weights, more than {k:g} x the round's median {median:.3g}"
             for who, d in dist.items() if math.isfinite(d) and d > k * median}
+
+
+def opposed_updates(global_arrays: dict[str, np.ndarray], updates: list[tuple[int | str, TrainUpdate]],
+                    names: list[str]) -> dict[int | str, str]:
+    """Updates whose weights (over `names`, float64) point away from the global weights: cosine <= 0. A round moves
+    a model by a fraction of its norm, so an honest device's weights keep pointing the way of the global ones
+    (cosine >= 0.74 in every round measured: 4 partitions x 8 rounds x 5 devices, lr up to 0.05); a sign-flipped
+    model (w -> -w) has the opposite cosine, at a distance the median rule can miss (2.9-4.9 x the median
+    measured, against k = 10). A global model of zeros says nothing: then nothing is dropped."""
+    g = np.concatenate([np.asarray(global_arrays[n], np.float64).ravel() for n in names]) if names else np.zeros(0)
+    g_norm = float(np.linalg.norm(g))
+    if g_norm == 0.0:
+        return {}
+    out = {}
+    for who, u in updates:
+        try:
+            w = np.concatenate([_as_global(np.asarray(u.weights[n])).astype(np.float64).ravel() for n in names])
+        except (KeyError, ValueError, TypeError):  # malformed: check() drops it with its own reason
+            continue
+        w_norm = float(np.linalg.norm(w))
+        if not math.isfinite(w_norm):
+            continue
+        cos = float(w @ g) / (w_norm * g_norm) if w_norm > 0 else 0.0
+        if cos <= 0.0:
+            out[who] = f"points away from the global weights (cosine {cos:.2f} <= 0)"
+    return out

@@ -2,14 +2,16 @@
 
 Layout of `run_dir/checkpoint/`: `arrays.npz` (the global model), `extra.npz` (arrays found inside the
 other fields, e.g. the pace window), `state.json` (everything else, with the sha256 of both npz files).
-A new checkpoint is built in a temporary folder, fsynced, then renamed into place; the previous one is
-kept as `checkpoint.old` until then, so a crash never leaves only a half-written checkpoint.
+A new checkpoint is built in a temporary folder, fsynced, then renamed into place; the one it replaces is kept as
+`checkpoint.old` (the previous round's). So a crash never leaves only a half-written checkpoint, and a checkpoint
+damaged on disk costs one round: `load_state` falls back to the previous one, and the run redoes that round.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +26,8 @@ STATE_VERSION = 1
 CHECKPOINT = "checkpoint"
 PREVIOUS = "checkpoint.old"
 _TMP_PREFIX = ".checkpoint.tmp."
+
+log = logging.getLogger("progfl.server")
 
 
 class StateError(ValueError):
@@ -123,16 +127,31 @@ def save_state(state: ServerState, run_dir: str | os.PathLike) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(previous, ignore_errors=True)
     return final
 
 
 def load_state(run_dir: str | os.PathLike) -> ServerState:
-    """The last complete checkpoint of a run, exactly as saved; StateError if missing or corrupt."""
+    """The last intact checkpoint of a run, exactly as saved: `checkpoint/`, else (missing or damaged) the previous
+    round's `checkpoint.old`, with a warning. StateError if neither can be trusted."""
     run = Path(run_dir)
-    path = next((p for p in (run / CHECKPOINT, run / PREVIOUS) if (p / "state.json").exists()), None)
-    if path is None:
+    paths = [p for p in (run / CHECKPOINT, run / PREVIOUS) if (p / "state.json").exists()]
+    if not paths:
         raise StateError(f"{run}: no checkpoint to resume from")
+    errors = []
+    for path in paths:
+        try:
+            state = _load(path)
+        except StateError as e:
+            errors.append(e)
+            continue
+        if errors:
+            log.warning("%s; resuming from the previous checkpoint (round %d), whose next round is redone",
+                        errors[0], state.round)
+        return state
+    raise errors[0]
+
+
+def _load(path: Path) -> ServerState:
     try:
         doc = json.loads((path / "state.json").read_text())
         if doc.get("version") != STATE_VERSION:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...manifest import Manifest, ManifestError, Stage, TrainTask, TrainUpdate
-from ..aggregate import Aggregator, distant_updates
+from ..aggregate import Aggregator, distant_updates, opposed_updates
 from ..fleet import required_mb
 from ..pace import PaceConfig, PaceController
 from ..selection import DeviceInfo, Selector, UniformSelector, eligible
@@ -175,8 +175,10 @@ class Plan(ABC):
         expected = [p for p in stage.params if p.name in set(stage.updated_names)]
         agg = Aggregator(expected, self.config.min_updates, state.round + 1, stage.name)
         ordered = sorted(results, key=lambda r: r[0].id)  # a fixed order: sums do not depend on arrival
-        far = distant_updates(state.arrays, [(d.id, u) for d, u in ordered if agg.check(u) is None],
-                              [p.name for p in expected], self.config.outlier_k)
+        valid = [(d.id, u) for d, u in ordered if agg.check(u) is None]
+        names = [p.name for p in expected]
+        far = {**opposed_updates(state.arrays, valid, names),
+               **distant_updates(state.arrays, valid, names, self.config.outlier_k)}
         for d, u in ordered:
             if d.id in far:
                 agg.reject(u, d.id, far[d.id])
