@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,3 +281,31 @@ def test_no_process_outlives_a_killed_server_and_resume_continues(artifacts, tmp
     assert r.returncode == 0, r.stderr
     h = json.loads((out / "history.json").read_text())
     assert [x["round"] for x in h["rounds"]] == list(range(1, 7)) and done < 6
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(artifacts, tmp_path):
+    """Killed while round 1 ran: no checkpoint, but the folder is the run's own (run.json, its data). --resume
+    starts it again on that data; the same folder with other settings, or no run.json, is refused."""
+    from progfl.server.rounds import RoundEngine
+    from progfl.server.simulation import prepare_data
+    from progfl.server.state import StateError
+
+    cfg = config(artifacts, tmp_path / "r1", "fedavg")
+    engine = RoundEngine(cfg, quiet=True)
+    prepare_data(cfg, engine.manifest, engine.run)  # ...and the process dies in round 1
+    del engine
+    with pytest.raises(StateError, match="other settings"):
+        run_simulation(config(artifacts, tmp_path / "r1", "fedavg", lr=0.01), resume=True, quiet=True)
+    with pytest.raises(ValueError, match="not empty"):
+        run_simulation(config(artifacts, tmp_path / "r1", "fedavg"), quiet=True)
+    resumed = run_simulation(config(artifacts, tmp_path / "r1", "fedavg"), resume=True, quiet=True)
+    fresh = run_simulation(config(artifacts, tmp_path / "fresh", "fedavg"), quiet=True)
+    a, b = load_state(resumed), load_state(fresh)
+    assert a.round == b.round == 2
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+    (tmp_path / "r1" / "run.json").unlink()
+    for c in ("checkpoint", "checkpoint.old"):
+        shutil.rmtree(tmp_path / "r1" / c, ignore_errors=True)
+    with pytest.raises(StateError, match="no checkpoint to resume from"):
+        run_simulation(config(artifacts, tmp_path / "r1", "fedavg"), resume=True, quiet=True)

@@ -95,9 +95,14 @@ def query_nodes(grid: Grid, manifest: Manifest, timeout: float) -> dict[int, Nod
     nodes = sorted(grid.get_node_ids())
     msgs = [Message(RecordDict({"config": ConfigRecord({"kind": "capabilities", "num-classes": manifest.num_classes})}),
                     dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}  # ids are set when the grid pushes
     out: dict[int, Node] = {}
-    for r in sorted(grid.send_and_receive(msgs, timeout=timeout), key=lambda r: r.metadata.src_node_id):
-        n = r.metadata.src_node_id
+    for r in sorted(replies, key=lambda r: node_of.get(r.metadata.reply_to_message_id, -1)):
+        # by the message it answers: for a node that missed its heartbeats the SuperLink itself replies (src 1)
+        n = node_of.get(r.metadata.reply_to_message_id)
+        if n is None:
+            continue
         if r.has_error():
             log.warning("node %s did not answer the capability query: %s", n, r.error.reason)
             continue
@@ -130,6 +135,7 @@ class ProgflStrategy(Strategy):
         self.manifest_sha = sha256_file(self.artifacts / MANIFEST_NAME)
         self.nodes: dict[int, Node] = {}
         self._round: Round | None = None
+        self._sent: list[Message] = []  # this round's train messages (their ids match the replies)
         self._record: dict[str, Any] | None = None
 
     def summary(self) -> None:
@@ -151,7 +157,7 @@ class ProgflStrategy(Strategy):
         self.nodes = query_nodes(grid, self.engine.manifest, self.cfg.query_timeout)
         rnd = self._round = self.engine.configure([n.device for n in self.nodes.values()])
         files: dict[str, tuple[ArrayRecord, ConfigRecord]] = {}  # per backend, read once a round
-        messages = []
+        messages = self._sent = []
         for d, task in rnd.tasks:
             task.manifest_sha256 = self.manifest_sha
             node = self.nodes[d.id]
@@ -168,12 +174,14 @@ class ProgflStrategy(Strategy):
         rnd = self._round
         if rnd is None:
             return None, None  # the plan had finished: nothing was sent
-        sent = {self.nodes[d.id].node_id: d for d, _ in rnd.tasks}
+        device_of = {self.nodes[d.id].node_id: d for d, _ in rnd.tasks}
+        # a reply is matched by the message it answers (an unreachable node's error comes from the SuperLink)
+        sent = {m.metadata.message_id: device_of[m.metadata.dst_node_id] for m in self._sent}
         results, failed = [], []
         for r in replies:
-            d = sent.pop(r.metadata.src_node_id, None)
+            d = sent.pop(r.metadata.reply_to_message_id, None)
             if d is None:
-                continue  # not a node of this round
+                continue  # not a message of this round
             if r.has_error():
                 failed.append((d.id, r.error.reason))
             else:
@@ -206,7 +214,7 @@ class ProgflStrategy(Strategy):
         n, acc, loss = 0, 0.0, 0.0
         for r in replies:
             if r.has_error():
-                log.warning("node %s could not evaluate: %s", r.metadata.src_node_id, r.error.reason)
+                log.warning("a device could not evaluate round %d: %s", server_round, r.error.reason)
                 continue
             m = r.content["metrics"]
             k = int(m["num-examples"])

@@ -88,6 +88,9 @@ class Round:
     started: float
 
 
+RUN_MARKER = "run.json"  # a run folder's settings, written before anything else
+
+
 class Stopped(Exception):
     """The run was stopped on purpose after a round (tests; a user presses Ctrl-C instead)."""
 
@@ -102,18 +105,32 @@ class RoundEngine:
         self.settings, self.quiet, self.stop_after = settings, quiet, stop_after
         self.manifest, self.plan = settings.check()
         self.run = Path(settings.out)
+        self.config = json.loads(json.dumps({**asdict(settings), **(extra_config or {})}))  # as read back
         has_checkpoint = self.run.is_dir() and any((self.run / c / "state.json").exists()
                                                    for c in ("checkpoint", "checkpoint.old"))
-        if resume and not has_checkpoint:
-            raise StateError(f"{self.run}: no checkpoint to resume from (run without --resume to start it)")
-        if not resume and self.run.exists() and any(self.run.iterdir()):
+        self._restarted = resume and not has_checkpoint
+        if self._restarted:
+            self._check_marker()  # stopped before its first checkpoint: it starts again, on the data it prepared
+            resume = False
+        elif not resume and self.run.exists() and any(self.run.iterdir()):
             raise ValueError(f"{self.run}: run folder exists and is not empty (use --resume to continue a run)")
         self.resume, self._created = resume, not self.run.exists()
-        self.config = json.loads(json.dumps({**asdict(settings), **(extra_config or {})}))  # as read back
         self.run.mkdir(parents=True, exist_ok=True)
+        if not (self.run / RUN_MARKER).exists():
+            write_atomic(self.run / RUN_MARKER, json.dumps(self.config, indent=1).encode())
         self.evaluator: Evaluator | None = None
         self.fleet: dict[int, dict[str, Any]] = {}
         self.state = self._open_state()
+
+    def _check_marker(self) -> None:
+        """A resume without a checkpoint continues only a run of these settings that this engine started (its
+        run.json), never a foreign folder."""
+        try:
+            marked = json.loads((self.run / RUN_MARKER).read_text())
+        except (OSError, ValueError):
+            raise StateError(f"{self.run}: no checkpoint to resume from (run without --resume to start it)") from None
+        if marked != self.config:
+            raise StateError(f"{self.run}: the run was started with other settings; resume with the same ones")
 
     def _open_state(self) -> ServerState:
         if self.resume:
@@ -137,7 +154,7 @@ class RoundEngine:
 
     def abandon(self) -> None:
         """Undo a new run's folder when its set-up fails before the first round: nothing half-written is left."""
-        if self.resume or self.state.history:
+        if self.resume or self._restarted or self.state.history:
             return
         if self._created:
             shutil.rmtree(self.run, ignore_errors=True)
@@ -232,9 +249,13 @@ class RoundEngine:
 
 
 def _device_record(d: DeviceInfo, u: TrainUpdate) -> dict[str, Any]:
+    """A device's line of the round record; `samples` is the weight aggregation gave it (a claim above the count the
+    server registered is capped, and kept as `claimed_samples`)."""
     peak = u.metrics.get("peak_mb")
+    samples = min(u.num_samples, d.num_samples) if d.num_samples > 0 else u.num_samples
+    extra = {"claimed_samples": u.num_samples} if samples != u.num_samples else {}
     return {"id": d.id, "budget_mb": d.budget_mb, "baseline_mb": d.baseline_mb, "peak_mb": peak,
-            "seconds": u.metrics.get("seconds"), "samples": u.num_samples,
+            "seconds": u.metrics.get("seconds"), "samples": samples, **extra,
             "over_budget": bool(peak is not None and peak > d.budget_mb),
             "torch_imported": bool(u.metrics.get("torch_imported"))}
 

@@ -183,7 +183,7 @@ class Plan(ABC):
             if d.id in far:
                 agg.reject(u, d.id, far[d.id])
                 continue
-            agg.add(u, d.id, max_samples=d.num_samples)
+            agg.add(u, d.id, max_samples=d.num_samples or None)  # 0: the server knows no count
             if u.metrics.get("samples_per_s"):
                 state.plan_state["speed"][str(d.id)] = float(u.metrics["samples_per_s"])
         result = agg.result()
