@@ -134,7 +134,14 @@ class RoundEngine:
 
     def _open_state(self) -> ServerState:
         if self.resume:
-            state = load_state(self.run)
+            try:
+                state = load_state(self.run)
+            except StateError as e:  # damaged, and no earlier round's checkpoint to fall back to: start again
+                if (self.run / "checkpoint.old").exists():
+                    raise
+                self._check_marker()
+                log.warning("%s; the run had no earlier checkpoint: it starts again from round 0", e)
+                return self._new_state()
             if state.config != self.config:
                 changed = sorted(k for k in set(state.config) | set(self.config)
                                  if state.config.get(k) != self.config.get(k))
@@ -146,6 +153,9 @@ class RoundEngine:
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # history.json is rewritten after the next round; the fleet is seen again then
             return state
+        return self._new_state()
+
+    def _new_state(self) -> ServerState:
         state = ServerState(round=0, plan=self.plan.name, plan_state={},
                             arrays=self.manifest.initial_weights(self.settings.artifacts), pace={},
                             rng=np.random.default_rng([self.settings.seed, 2]).bit_generator.state, config=self.config)
