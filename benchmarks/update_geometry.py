@@ -12,7 +12,6 @@ sign-flipped weights (w -> -w), the update direction flipped (g - delta) and a b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
