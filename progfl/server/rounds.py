@@ -207,8 +207,8 @@ class RoundEngine:
         return record
 
     def commit(self, record: dict[str, Any]) -> None:
-        """Score the global model, then write history.json and the checkpoint. Raises Diverged once every update
-        of the last rounds was rejected, Stopped after `stop_after` rounds."""
+        """Score the global model, then write history.json and the checkpoint. Raises Diverged once no update of
+        the last rounds was accepted, Stopped after `stop_after` rounds."""
         if self.evaluator is not None:
             record["accuracy"], record["test_loss"] = self.evaluator.evaluate(record["stage"], self.state.arrays)
         else:
