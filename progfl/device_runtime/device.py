@@ -1,8 +1,8 @@
 """A device: its artifacts, its local data, its memory budget; trains whatever stage a task names.
 
-The same object serves `progfl device train`, the simulation's worker processes and the Flower ClientApp.
-It keeps the current stage loaded between rounds (sessions are costly to build) and drops it when the
-stage changes, so at most one stage's sessions are resident. The shard stays on disk (see shard.py).
+The same object serves `progfl device train` and the Flower node's job processes (job.py), one round each;
+a caller that keeps it keeps the current stage loaded between rounds (sessions are costly to build), and it drops
+the stage when another is asked for, so at most one stage's sessions are resident. The shard stays on disk.
 """
 
 from __future__ import annotations

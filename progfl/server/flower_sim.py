@@ -76,15 +76,15 @@ def run_flower_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = Fa
     from .evaluate import Evaluator
     from .flower import FlowerRunConfig, run_server
 
-    cfg.check()  # the simulation's own settings (fleet, partition), before the engine's
-    sim_config = {k: v for k, v in vars(cfg).items() if k not in ("out", "artifacts")}
+    sim_config = {k: v for k, v in vars(cfg).items() if k not in ("out", "artifacts", "pace", "options")}
     fcfg = FlowerRunConfig(artifacts=str(Path(cfg.artifacts).resolve()), out=cfg.out, plan=cfg.plan, rounds=cfg.rounds,
                            per_round=cfg.per_round, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed, pace=dict(cfg.pace),
                            options=dict(cfg.options), outlier_k=cfg.outlier_k, target=cfg.target,
                            max_rejected_rounds=cfg.max_rejected_rounds, min_nodes=cfg.devices)
     engine = RoundEngine(fcfg, resume, {"engine": "flower", "simulation": sim_config}, quiet=quiet,
                          stop_after=stop_after)
-    try:
+    try:  # the engine checked the run settings and the artifacts; the simulation's own settings come next
+        cfg.check_simulation(engine.manifest, engine.plan)
         devices, tx, ty = prepare_data(cfg, engine.manifest, engine.run)
         write_held_out(devices, engine.run, cfg.seed)
         fleet = write_fleet(devices, engine.run, cfg.feature_cache)

@@ -46,7 +46,14 @@ class SimConfig(RunSettings):
     feature_cache: bool = True
 
     def check(self) -> tuple[Manifest, Plan]:
-        """The run settings, then the fleet: as many budgets as devices, and at least one that holds a stage."""
+        """The run settings (RunSettings.check), then the simulation's own."""
+        manifest, plan = super().check()
+        self.check_simulation(manifest, plan)
+        return manifest, plan
+
+    def check_simulation(self, manifest: Manifest, plan: Plan) -> None:
+        """Data and fleet settings: a known data set and partition, as many budgets as devices, and at least one
+        budget that holds a stage of the plan."""
         if self.devices < 1 or self.workers < 1:
             raise ValueError("devices and workers must be >= 1")
         if self.dataset not in DATASETS:
@@ -58,9 +65,7 @@ class SimConfig(RunSettings):
         if self.fleet is not None and (len(self.fleet) != self.devices or not min(self.fleet) > 0):
             raise ValueError(f"the fleet lists {len(self.fleet)} budgets for {self.devices} devices (one per device, "
                              f"all > 0 MB)")
-        manifest, plan = super().check()
         plan.check_fleet([DeviceInfo(i, b, 0, np.zeros(0)) for i, b in enumerate(self.budgets(manifest))])
-        return manifest, plan
 
     def budgets(self, manifest: Manifest) -> list[float]:
         return self.fleet or profl_fleet(manifest, self.devices, np.random.default_rng([self.seed, 1]), self.full_share)
@@ -99,7 +104,7 @@ def prepare_data(cfg: SimConfig, manifest: Manifest, run: Path) -> tuple[list[De
         write_shards(train, parts[cfg.partition](), data_dir)
         write_dataset(test, run / "test.npz")
     index = json.loads((data_dir / "index.json").read_text())
-    budgets = cfg.fleet or profl_fleet(manifest, cfg.devices, np.random.default_rng([cfg.seed, 1]), cfg.full_share)
+    budgets = cfg.budgets(manifest)
     devices = [DeviceInfo(i, budgets[i], int(index["counts"][i]), np.asarray(index["label_histograms"][i]))
                for i in range(cfg.devices)]
     test = read_dataset(run / "test.npz")
