@@ -182,7 +182,7 @@ class RoundEngine:
         devices = sorted(devices, key=lambda d: d.id)
         for d in devices:
             self.fleet[d.id] = {"id": d.id, "budget_mb": d.budget_mb, "baseline_mb": d.baseline_mb,
-                                "memory_mb": d.budget_mb + d.baseline_mb}
+                                "memory_mb": round(d.budget_mb + d.baseline_mb, 1)}  # budget was rounded to 0.1
         started = time.perf_counter()
         rng = restore_rng(self.state.rng)
         eligible = len(self.plan.candidates(devices, self.state))
