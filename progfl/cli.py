@@ -77,15 +77,18 @@ def main() -> None:
               help="Device backends to write files for: ort (always), torch (TorchScript, for ARM boards), executorch "
                    "(experimental: .pte programs for the stages ExecuTorch 1.5.1 trains correctly; needs torch).")
 @click.option("--explain", is_flag=True, help="Print the memory and device-sizing table.")
+@click.option("--breakdown", is_flag=True, help="Print the table and where each stage's memory goes, phase by phase, next "
+                                                "to the estimate and the analytic floor.")
 @user_errors
 def export(model_name, out, num_classes, input_shape, norm, width, stages, opset, batch_size, optimizer, momentum,
-           weight_decay, devices, margin, neulite_l1, neulite_l2, measure, measure_batches, seed, explain,
+           weight_decay, devices, margin, neulite_l1, neulite_l2, measure, measure_batches, seed, explain, breakdown,
            output_module, backends) -> None:
     """Compile every stage of a model into on-device training files (ONNX Runtime; TorchScript for torch boards),
     sized to device memory."""
     from pathlib import Path
 
     from .exporter import OptimizerConfig, check_backends, check_output_folder, explain as explain_table, export_model
+    from .exporter.explain import breakdown as breakdown_table
     from .exporter.sizing import load_device_classes
     from .models import NeuLiteWeights, load_model
 
@@ -101,20 +104,26 @@ def export(model_name, out, num_classes, input_shape, norm, width, stages, opset
         measure=measure, measure_batches=_ints(measure_batches, "--measure-batches") if measure_batches else None,
         progress=lambda m: click.echo(m, err=True), output_module=output_module,
         backends=tuple(b.strip() for b in backends.split(",") if b.strip()))
-    if explain:
+    if explain or breakdown:
         click.echo(explain_table(manifest))
+        if breakdown:
+            click.echo(breakdown_table(manifest))
     click.echo(f"wrote {len(manifest.stages)} stages to {out}", err=True)
 
 
 @main.command("explain")
 @click.argument("artifacts", type=click.Path(file_okay=False))
+@click.option("--breakdown", is_flag=True, help="Also where each stage's memory goes, phase by phase.")
 @user_errors
-def explain_cmd(artifacts) -> None:
+def explain_cmd(artifacts, breakdown) -> None:
     """Print an exported folder's memory and device-sizing table."""
-    from .exporter.explain import explain as explain_table
+    from .exporter.explain import breakdown as breakdown_table, explain as explain_table
     from .manifest import Manifest
 
-    click.echo(explain_table(Manifest.load(artifacts)))
+    manifest = Manifest.load(artifacts)
+    click.echo(explain_table(manifest))
+    if breakdown:
+        click.echo(breakdown_table(manifest))
 
 
 def _sim_options(fn):

@@ -18,8 +18,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: backends (torch files, per-backend memory points, device classes' backend and profile) and
-# the training graphs' loss_scale input (version-1 graphs lack it: export again)
+SCHEMA_VERSION = 3  # 2: backends (torch files, per-backend memory points, device classes' backend and profile) and
+# the training graphs' loss_scale input (version-1 graphs lack it: export again). 3: no weight decay in the training
+# graphs, no eval graph, and no optimizer graph for SGD (the runtime steps SGD itself)
 MANIFEST_NAME = "manifest.json"
 # What a device trains with: ONNX Runtime training; PyTorch (boards without ORT); ExecuTorch (EXPERIMENTAL: 1.5.1,
 # the stages it trains correctly only). A stage's files of backend b other than ORT have kinds "b.<kind>"
@@ -118,6 +119,7 @@ class MemoryPoint:
     breakdown: dict[str, float] = field(default_factory=dict)
     backend: str = "ort"
     source: str = "export"
+    phases: list[dict[str, Any]] = field(default_factory=list)  # measured: {name, rss_mb, peak_mb} per phase of a round
 
 
 @dataclass
@@ -160,8 +162,9 @@ class Stage:
     session_params: dict[str, list[str]]  # inference file (prefix, inference, teacher) -> global arrays it reads
     bn_updates: dict[str, str]  # training-graph output name -> BatchNorm statistic it updates
     bn_variance: dict[str, list[float]]  # running_var name -> [elements per channel per sample, torch momentum]
-    files: dict[str, FileRef]  # prefix, training, eval, optimizer, checkpoint, inference, teacher
-    footprint: dict[str, float]  # element counts behind the analytic memory estimate (see exporter/sizing.py)
+    files: dict[str, FileRef]  # prefix, training, optimizer (AdamW only), checkpoint, inference, teacher
+    footprint: dict[str, Any]  # element counts and intermediate-tensor peaks (MB by batch) behind the analytic
+    # memory estimate (see exporter/sizing.py)
     memory: list[MemoryPoint] = field(default_factory=list)
     sizing: list[Sizing] = field(default_factory=list)
 
@@ -181,6 +184,15 @@ class Stage:
                                 + (",executorch" if backend == "executorch" else ""))
         own = {k[len(backend) + 1:]: f for k, f in self.files.items() if k.startswith(backend + ".")}
         return {**self.backend_files("torch"), **own} if backend == "executorch" else own
+
+    @property
+    def min_micro_batch(self) -> int:
+        """The smallest micro-batch this stage trains with. BatchNorm normalises each micro-batch by its own statistics
+        (as torch does when a batch is split): every BatchNorm must see at least two values per channel, or it
+        normalises its input to zero and passes no gradient. A conv BatchNorm sees batch x H x W values, so micro-batch
+        1 is fine down to 1x1 maps; there (a BatchNorm after global pooling) the floor is 2."""
+        counts = [float(v[0]) for v in self.bn_variance.values()]
+        return max(1, math.ceil(2.0 / min(counts))) if counts else 1
 
     @property
     def trainable_names(self) -> list[str]:
@@ -299,7 +311,7 @@ class Manifest:
                     raise ManifestError(f"stage {s.name}: {kind} reads arrays the global model does not have")
             if not set(s.bn_updates.values()) <= {p.name for p in s.params}:
                 raise ManifestError(f"stage {s.name}: BatchNorm update of an unknown parameter")
-            for need in ("training", "eval", "optimizer", "checkpoint", "inference"):
+            for need in ("training", "checkpoint", "inference") + (("optimizer",) if s.optimizer["name"] == "adamw" else ()):
                 if need not in s.files:
                     raise ManifestError(f"stage {s.name}: no {need} file")
             for m in s.memory:
@@ -433,16 +445,17 @@ def predicted_peak_mb(stage: Stage, micro_batch: int, backend: str = "ort", sour
 
 def size_stage(stage: Stage, budget_mb: float, batch: int, margin: float, device_class: str = "",
                backend: str = "ort", source: str = "export") -> Sizing:
-    """The largest micro-batch (batch, batch/2, ..., 1) whose peak stays under budget x (1 - margin); the
-    logical batch is kept by accumulating ceil(batch / micro) micro-batches. fits=False: cannot take part."""
+    """The largest micro-batch (batch, batch/2, ..., down to the stage's min_micro_batch) whose peak stays under
+    budget x (1 - margin); the logical batch is kept by accumulating ceil(batch / micro) micro-batches. fits=False:
+    cannot take part."""
     if not stage.has_backend(backend):  # ExecuTorch refused this stage at export
         return Sizing(device_class, budget_mb, 0, 0, None, False)
     limit = budget_mb * (1.0 - margin)
-    micro = batch
+    micro, smallest = batch, min(batch, stage.min_micro_batch)
     while True:
         peak = predicted_peak_mb(stage, micro, backend, source)
         if peak <= limit:
             return Sizing(device_class, budget_mb, micro, math.ceil(batch / micro), round(peak, 1), True)
-        if micro == 1:
+        if micro == smallest:
             return Sizing(device_class, budget_mb, 0, 0, round(peak, 1), False)
-        micro = max(1, micro // 2)
+        micro = max(smallest, micro // 2)

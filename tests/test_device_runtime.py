@@ -4,6 +4,7 @@ and refuses bad input with one clear error and nothing half-written."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -59,6 +60,11 @@ def shard(tmp_path):
         yield s
 
 
+def fresh(t: TrainTask) -> TrainTask:
+    """A copy a round may consume (train_round empties the task's weights once the engine holds them)."""
+    return dataclasses.replace(t, weights=dict(t.weights))
+
+
 def task(manifest, folder, stage: str, micro: int, accum: int, lr: float = 0.05, epochs: int = 2) -> TrainTask:
     s = manifest.stage(stage)
     w = manifest.initial_weights(folder)
@@ -70,9 +76,11 @@ def task(manifest, folder, stage: str, micro: int, accum: int, lr: float = 0.05,
 def test_local_round_matches_torch(bn, stage, shard):
     model, folder, manifest = bn
     t = task(manifest, folder, stage, 16, 1)
-    ort = train_round(OrtStage(folder, manifest, stage), manifest.stage(stage), t, shard)
+    given = fresh(t)
+    ort = train_round(OrtStage(folder, manifest, stage), manifest.stage(stage), given, shard)
+    assert given.weights == {}, "the round hands its weights to the engine: no second copy while training"
     ref = train_round(EagerStage(copy.deepcopy(model), parse_stage_name(stage), dtype=torch.float64),
-                      manifest.stage(stage), t, shard)
+                      manifest.stage(stage), fresh(t), shard)
     assert ort.num_samples == 64 and ort.metrics["steps"] == 8
     assert abs(ort.metrics["loss"] - ref.metrics["loss"]) < 1e-4
     for name, value in ort.weights.items():
@@ -98,11 +106,11 @@ def test_feature_cache_same_update_and_reused(bn, shard, tmp_path):
     _, folder, manifest = bn
     stage = manifest.stage("distill-2")  # prefix and teacher are both cached
     t = task(manifest, folder, "distill-2", 8, 2)
-    plain = train_round(OrtStage(folder, manifest, stage.name), stage, t, shard)
+    plain = train_round(OrtStage(folder, manifest, stage.name), stage, fresh(t), shard)
     cache = FeatureCache(tmp_path / "cache", keep=3)
     backend = OrtStage(folder, manifest, stage.name)
-    first = train_round(backend, stage, t, shard, cache)
-    second = train_round(backend, stage, t, shard, cache)
+    first = train_round(backend, stage, fresh(t), shard, cache)
+    second = train_round(backend, stage, fresh(t), shard, cache)
     assert (cache.misses, cache.hits) == (2, 2)  # prefix + teacher computed once, then reused
     for name in plain.weights:
         np.testing.assert_allclose(first.weights[name], plain.weights[name], atol=1e-6, err_msg=name)
@@ -115,7 +123,7 @@ def test_feature_cache_same_update_and_reused(bn, shard, tmp_path):
     np.savez(tmp_path / "other.npz", x=x, y=shard.y)
     with Shard(tmp_path / "other.npz") as new_data:
         new_data.validate([1, 12, 12], 10)
-        train_round(backend, stage, t, new_data, cache)
+        train_round(backend, stage, fresh(t), new_data, cache)
     assert cache.misses == 6, "new data must not hit the old cache entry"
 
 
@@ -202,13 +210,13 @@ def test_device_object_reuses_stage_and_checks_manifest(bn, shard):
     micro, accum = dev.plan("grow-1")
     t = task(manifest, folder, "grow-1", micro, accum, epochs=1)
     t.manifest_sha256 = dev.manifest_sha256
-    dev.train(t)
+    dev.train(fresh(t))
     backend = dev._backend
-    dev.train(t)
+    dev.train(fresh(t))
     assert dev._backend is backend, "the same stage must not be rebuilt every round"
     t.manifest_sha256 = "0" * 64
     with pytest.raises(ManifestError, match="other artifacts"):
-        dev.train(t)
+        dev.train(fresh(t))
 
 
 def test_shard_reads_slices_of_plain_and_compressed_archives(tmp_path):

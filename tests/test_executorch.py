@@ -23,7 +23,7 @@ def _graphs(name: str, norm: str, stage: str):
         model = build_model("vit", 10, (3, 8, 8), norm=norm, width=16, depth=4, heads=1)
     else:
         model = build_model("cnn", 10, (1, 12, 12), norm=norm, width=8)
-    return build_stage(model, parse_stage_name(stage), 0.0, NeuLiteWeights())
+    return build_stage(model, parse_stage_name(stage), NeuLiteWeights())
 
 
 def test_batch_norm_stage_is_refused_and_the_graph_is_untouched():
@@ -96,7 +96,7 @@ def test_export_and_manifest_wiring_without_executorch(tmp_path):
     assert m.backends == ["ort", "torch", "executorch"]
     files = grow2.backend_files("executorch")
     assert files["training"] is grow2.files["executorch.training"] and files["prefix"] is grow2.files["torch.prefix"]
-    assert set(grow2.backend_files("ort")) == {"prefix", "training", "eval", "optimizer", "checkpoint", "inference"}
+    assert set(grow2.backend_files("ort")) == {"prefix", "training", "checkpoint", "inference"}
     with pytest.raises(ManifestError, match="grow-1 has no executorch files"):
         m.stage("grow-1").backend_files("executorch")
     assert not size_stage(m.stage("grow-1"), 4096.0, 8, 0.15, backend="executorch").fits

@@ -52,7 +52,8 @@ def _round(backend: str, folder, manifest, stage: str, shard, micro: int, lr: fl
     s = manifest.stage(stage)
     task = TrainTask(round=1, stage=s.name, manifest_sha256="", weights=synthetic_weights(manifest, s), lr=lr,
                      epochs=2, batch_size=16, micro_batch=micro, accum_steps=-(-16 // micro), seed=3)
-    return task, train_round(open_stage(backend, folder, manifest, s.name), s, task, shard)
+    given = TrainTask(**{**task.__dict__, "weights": dict(task.weights)})  # train_round empties the one it is given
+    return task, train_round(open_stage(backend, folder, manifest, s.name), s, given, shard)
 
 
 @pytest.mark.parametrize("stage", ["grow-0", "grow-2", "distill-1", "neulite-1", "neulite-2", "full"])

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import BACKENDS, EXECUTORCH_PIN, Manifest, ManifestError
+from .memory import mark
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
 AUTO = ("ort", "torch")  # what `auto` may pick, in order; executorch is experimental: only when asked for
@@ -71,6 +72,11 @@ class StageBackend(ABC):
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits of the model as this stage sees it (eval mode), for local evaluation."""
+
+    def release_frozen(self) -> None:
+        """Free what only features() and teacher() need (their sessions and weights): the trainer calls it once the
+        round's frozen outputs are cached, so they do not sit beside the training state. Until the next set_weights,
+        features() and teacher() are then unavailable. Backends without such memory to free keep the default."""
 
 
 def with_loss_scale(inputs: dict[str, np.ndarray], share: float) -> dict[str, np.ndarray]:
@@ -133,13 +139,10 @@ def open_stage(backend: str, folder: str | Path, manifest: Manifest, stage: str 
                options: RuntimeOptions | None = None, verify: bool = True) -> StageBackend:
     """One stage loaded for training by a resolved backend (see resolve_backend)."""
     if backend == "torch":
-        from ..device_torch.torch_backend import TorchStage
-
-        return TorchStage(folder, manifest, stage, options, verify)
-    if backend == "executorch":
-        from ..device_torch.executorch_backend import ExecuTorchStage
-
-        return ExecuTorchStage(folder, manifest, stage, options, verify)
-    from .ort_backend import OrtStage
-
-    return OrtStage(folder, manifest, stage, options, verify)
+        from ..device_torch.torch_backend import TorchStage as Engine
+    elif backend == "executorch":
+        from ..device_torch.executorch_backend import ExecuTorchStage as Engine
+    else:
+        from .ort_backend import OrtStage as Engine
+    mark(f"{backend} imported")
+    return Engine(folder, manifest, stage, options, verify)

@@ -7,9 +7,11 @@ refuses (or off Linux) ru_maxrss, the process-lifetime peak, is the fallback and
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -54,6 +56,15 @@ def transport_mb() -> float:
     return total
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), so that memory a finished phase freed is
+    not still counted in the next phase's peak. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_mb() -> float:
     hwm = _status_mb("VmHWM")
     if hwm is not None:
@@ -77,7 +88,44 @@ class PhasePeak:
     def __enter__(self) -> PhasePeak:
         self.resettable = reset_peak()
         self.start_mb = rss_mb()
+        self._first_phase = len(PhaseLog.active.phases) if PhaseLog.active else 0
         return self
 
     def __exit__(self, *exc) -> None:
-        self.peak_mb = peak_mb()
+        inner = PhaseLog.active.phases[self._first_phase:] if PhaseLog.active else []  # their marks reset the peak
+        self.peak_mb = max([peak_mb(), *(p.peak_mb for p in inner)])
+
+
+@dataclass
+class Phase:
+    """What the process held after one phase of a round (rss_mb) and the most it held during it (peak_mb)."""
+
+    name: str
+    rss_mb: float
+    peak_mb: float
+
+
+class PhaseLog:
+    """with PhaseLog() as log: ... -> log.phases: one Phase per mark(name) reached inside the block (the probe's
+    breakdown of where a stage's memory goes). Outside such a block, mark() costs one attribute read."""
+
+    active: PhaseLog | None = None
+
+    def __enter__(self) -> PhaseLog:
+        self.phases: list[Phase] = []
+        self.resettable = reset_peak()
+        PhaseLog.active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        PhaseLog.active = None
+
+    def record(self, name: str) -> None:
+        self.phases.append(Phase(name, round(rss_mb(), 1), round(peak_mb(), 1)))
+        reset_peak()
+
+
+def mark(name: str) -> None:
+    """End of a phase named `name`, when a PhaseLog is recording (the trainer and backends call it at fixed points)."""
+    if PhaseLog.active is not None:
+        PhaseLog.active.record(name)

@@ -15,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ..manifest import Manifest, Stage, TrainTask
 from .backend import RuntimeOptions, open_stage, resolve_backend
-from .memory import rss_mb
+from .memory import PhaseLog, mark
 from .shard import Shard
 from .trainer import train_round
 
@@ -36,7 +37,7 @@ def synthetic_weights(manifest: Manifest, stage: Stage, seed: int = 0) -> dict[s
         elif p.name.endswith("running_mean"):
             out[p.name] = np.zeros(p.shape, np.float32)
         else:
-            out[p.name] = (rng.standard_normal(p.shape) * 0.05).astype(np.float32)
+            out[p.name] = rng.standard_normal(p.shape, np.float32) * np.float32(0.05)  # float32 throughout, as received
     return out
 
 
@@ -55,25 +56,27 @@ def write_synthetic_shard(path: Path, manifest: Manifest, n: int, seed: int = 0)
 
 def measure_stage(folder: str, stage: str, batch: int, steps: int = 3,
                   options: RuntimeOptions | None = None, backend: str = "ort") -> dict:
-    """One local round of `steps` + 1 steps at this micro-batch, run exactly as a device runs it (shard read from
-    a file, frozen prefix cached on disk), on synthetic data; its peak is the stage's peak at this micro-batch."""
+    """One local round of `steps` + 1 steps at this micro-batch, run exactly as a device runs it (engine imported and
+    loaded, weights received, shard read from a file, frozen prefix cached on disk), on synthetic data. Its peak, from
+    the engine's import to the update read, is the stage's peak at this micro-batch; `phases` says where it went."""
     manifest = Manifest.load(folder)
     s = manifest.stage(stage)
     backend = resolve_backend(backend, manifest)
-    baseline = rss_mb()
     with tempfile.TemporaryDirectory(prefix="progfl-probe-") as tmp:
         path = Path(tmp) / "shard.npz"
         write_synthetic_shard(path, manifest, batch * (steps + 1))
-        with Shard(path) as shard:
+        with Shard(path) as shard, PhaseLog() as log:
             shard.validate(manifest.input_shape, manifest.num_classes)
+            mark("python, numpy, progfl, shard opened")
             engine = open_stage(backend, folder, manifest, s.name, options)
             task = TrainTask(round=0, stage=s.name, manifest_sha256="", weights=synthetic_weights(manifest, s),
                              lr=0.01, epochs=1, batch_size=batch, micro_batch=batch, accum_steps=1)
+            mark("weights received")
             update = train_round(engine, s, task, shard, scratch=tmp)
     m = update.metrics
-    return {"stage": s.name, "backend": backend, "batch": batch, "peak_mb": m["peak_mb"], "baseline_mb": round(baseline, 1),
-            "step_ms": round(m["step_ms"], 2), "peak_resettable": bool(m["peak_resettable"]),
-            "torch_imported": "torch" in sys.modules}
+    return {"stage": s.name, "backend": backend, "batch": batch, "peak_mb": max(p.peak_mb for p in log.phases),
+            "baseline_mb": log.phases[0].rss_mb, "step_ms": round(m["step_ms"], 2), "peak_resettable": log.resettable,
+            "torch_imported": "torch" in sys.modules, "phases": [asdict(p) for p in log.phases]}
 
 
 PROFILE_VERSION = 1  # the format of `progfl device profile --out` (read by exporter/profile.py on the server)

@@ -3,8 +3,8 @@
 It trains the TorchScript files the exporter wrote (exporter/torch_files.py) with `torch.jit.load` alone: no progfl
 models and no user code on the device. It mirrors the ORT backend step for step, so the same weights and batches give
 the same update: micro-batch losses weighted by their share of the batch (loss_scale), gradients summed, one step;
-SGD with momentum and coupled weight decay (the papers' optimizer; ORT reaches the same update through its AdamW
-kernel) or AdamW; fresh optimizer state every round; BatchNorm statistics updated by torch itself (unbiased variance,
+SGD with momentum and coupled weight decay (the papers' optimizer; the ORT backend applies the same update to ORT's
+buffers) or AdamW; fresh optimizer state every round; BatchNorm statistics updated by torch itself (unbiased variance,
 as the ORT backend corrects to).
 
 The optimizers are written here with tensor ops, the same updates as torch.optim.SGD and AdamW: constructing a
@@ -98,6 +98,8 @@ class TorchStage(StageBackend):
         if g is None:
             g = self._graphs[kind] = _load(self.folder / self.files[kind].path, f"stage {self.stage.name}").eval()
         if kind not in self._digests:
+            if not self._weights:
+                raise ManifestError(f"stage {self.stage.name}: {kind} needs the round's weights: set_weights first")
             _copy_into(g, self._weights)
             self._digests[kind] = weights_digest(self._weights, self.stage.session_params[kind])
         return g
@@ -115,6 +117,12 @@ class TorchStage(StageBackend):
 
     def teacher(self, features: np.ndarray) -> np.ndarray | None:
         return self._run("teacher", features) if "teacher" in self.files else None
+
+    def release_frozen(self) -> None:
+        for kind in ("prefix", "teacher"):
+            self._graphs.pop(kind, None)
+            self._digests.pop(kind, None)
+        self._weights = {}
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self.train_graph is not None:

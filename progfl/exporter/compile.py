@@ -15,6 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -22,8 +23,10 @@ import torch
 from ..manifest import ParamSpec, Stage, TensorSpec, file_ref
 from ..models.base import BlockModel
 from ..models.stages import NeuLiteWeights, StageGraphs, StageSpec, build_stage
-from .fixes import cap_ir_file, cap_ir_version, expose_bn_statistics, fix_eval_model, initializer_names, weights_as_inputs
+from ..device_runtime.trainer import FROZEN_CHUNK
+from .fixes import cap_ir_file, cap_ir_version, expose_bn_statistics, initializer_names, weights_as_inputs
 from .executorch_files import executorch_refusal, write_executorch_files
+from .liveness import GraphLiveness
 from .torch_files import write_torch_files
 
 OPSETS = range(17, 22)  # generate_artifacts refuses 22+; older opsets lack ops the graphs use
@@ -33,8 +36,9 @@ OPSETS = range(17, 22)  # generate_artifacts refuses 22+; older opsets lack ops 
 class OptimizerConfig:
     """SGD with momentum and coupled weight decay (the papers), or AdamW with torch's semantics.
 
-    ORT's SGD has neither momentum nor weight decay, so SGD runs on the AdamW kernel with betas=(mu, 1),
-    eps=1, no bias correction and lr/(1-mu); weight decay becomes wd/2 ||p||^2 inside the loss."""
+    SGD has no optimizer graph: ORT's SGD lacks momentum and weight decay, and its AdamW kernel would keep two moments
+    where SGD needs one, so the device runtime applies torch's SGD step to ORT's buffers itself
+    (device_runtime/buffer_sgd.py). AdamW runs on ORT's kernel (optimizer_model.onnx)."""
 
     name: str = "sgd"
     momentum: float = 0.9
@@ -48,21 +52,17 @@ class OptimizerConfig:
         if not 0 <= self.momentum < 1:
             raise ValueError("momentum must be in [0, 1)")
 
-    @property
-    def graph_weight_decay(self) -> float:
-        return self.weight_decay if self.name == "sgd" else 0.0
-
     def block(self):
+        """ORT's optimizer graph: AdamW's (SGD has none)."""
         from onnxruntime.training import onnxblock
 
         if self.name == "sgd":
-            return onnxblock.optim.AdamW(bias_correction=False, betas=(self.momentum, 1.0), eps=1.0, weight_decay=0.0)
+            return None
         return onnxblock.optim.AdamW(bias_correction=True, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
 
     def record(self) -> dict:
-        lr_scale = 1.0 / (1.0 - self.momentum) if self.name == "sgd" else 1.0
         return {"name": self.name, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "betas": list(self.betas), "eps": self.eps, "lr_scale": lr_scale}
+                "betas": list(self.betas), "eps": self.eps}
 
 
 def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path,
@@ -132,7 +132,7 @@ def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, op
     export's batch size) an ExecuTorch program takes; `notes` receives the line of a stage ExecuTorch cannot train."""
     model = _distinct_copy(model)
     shapes = {n: list(t.shape) for n, t in model.state_dict().items() if not n.endswith("num_batches_tracked")}
-    g = build_stage(model, spec, optimizer.graph_weight_decay, neulite)
+    g = build_stage(model, spec, neulite)
     folder = root / f"stage_{index:02d}_{spec.name}"
     folder.mkdir()
     values = _example_inputs(model, g, index, batch)
@@ -161,7 +161,7 @@ def compile_stage(model: BlockModel, spec: StageSpec, index: int, root: Path, op
         feature=TensorSpec("features", feature_shape),
         params=[ParamSpec(n, shapes[n], n in trainable) for n in art.order],
         session_params=session_params, bn_updates=art.bn_updates, bn_variance=bn_variance,
-        footprint=_footprint(model, g, values, art.order, trainable, session_params, shapes, train_acts),
+        footprint=_footprint(model, g, values, art, trainable, session_params, shapes, train_acts, files, max_batch),
         files={k: file_ref(root, p) for k, p in files.items()},
     )
 
@@ -195,7 +195,9 @@ def _inference_files(g: StageGraphs, values: dict[str, torch.Tensor], folder: Pa
 
 def _training_artifacts(g: StageGraphs, values: dict[str, torch.Tensor], folder: Path, opset: int,
                         optimizer: OptimizerConfig, shapes: dict[str, list[int]]) -> _Artifacts:
-    """The train graph to ONNX (BatchNorm statistics exposed), ORT's training artifacts from it, the 1.19.2 fixes."""
+    """The train graph to ONNX (BatchNorm statistics exposed), ORT's training artifacts from it, the 1.19.2 fixes.
+    The eval graph generate_artifacts writes is deleted: devices evaluate with inference.onnx, and a Module given an
+    eval graph builds a second session."""
     from onnxruntime.training import artifacts
 
     names = g.train.input_names()
@@ -213,26 +215,39 @@ def _training_artifacts(g: StageGraphs, values: dict[str, torch.Tensor], folder:
             optimizer=optimizer.block(), artifact_directory=folder_abs,
         )
     base_path.unlink()
-    files = {"training": folder / "training_model.onnx", "eval": folder / "eval_model.onnx",
-             "optimizer": folder / "optimizer_model.onnx", "checkpoint": folder / "checkpoint"}
-    fix_eval_model(files["eval"], set(bn_updates))
+    (folder / "eval_model.onnx").unlink()
+    files = {"training": folder / "training_model.onnx", "checkpoint": folder / "checkpoint"}
     cap_ir_file(files["training"])
-    _fix_optimizer(files["optimizer"], optimizer)
+    if optimizer.name == "adamw":
+        files["optimizer"] = folder / "optimizer_model.onnx"
+        _fix_optimizer(files["optimizer"])
     training = onnx.load(str(files["training"]), load_external_data=False)
     order = [i.name for i in training.graph.input if i.name in shapes]  # the flat buffer's order
     return _Artifacts(files, bn_updates, order)
 
 
-def _footprint(model: BlockModel, g: StageGraphs, values: dict[str, torch.Tensor], order: list[str],
+def _footprint(model: BlockModel, g: StageGraphs, values: dict[str, torch.Tensor], art: _Artifacts,
                trainable: set[str], session_params: dict[str, list[str]], shapes: dict[str, list[int]],
-               train_acts: float) -> dict[str, float]:
-    """Element counts behind the analytic memory estimate (exporter/sizing.py)."""
+               train_acts: float, files: dict[str, Path], max_batch: int) -> dict[str, Any]:
+    """Element counts and ORT's intermediate-tensor peaks (liveness.py) behind the analytic memory estimate
+    (exporter/sizing.py). The training graph's peak is tabled at micro-batches 1, 2, 4, ... up to twice the
+    largest the export sizes for; the frozen sessions' at the chunks the trainer runs them on (1..FROZEN_CHUNK)."""
     numel = lambda n: int(torch.Size(shapes[n]).numel())  # noqa: E731
     prefix_acts = _inspect(g.prefix, [values["inputs"]])[2] if g.prefix else 0.0
+    frozen = {n for k in ("prefix", "teacher") for n in session_params.get(k, [])}
+    order, in_graph, refreshed = art.order, set(art.order), set(art.bn_updates.values())
+    updated = [n for n in order if n in trainable or n in refreshed]
+    train = GraphLiveness(files["training"])
+    sessions = [GraphLiveness(files[k]) for k in ("prefix", "teacher") if k in files]
+    batches = [2 ** k for k in range(max(1, 2 * max_batch).bit_length())]
+    mb = lambda peak: round(peak.peak_bytes / 2**20, 3)  # noqa: E731
     return {"params": sum(map(numel, order)), "trainable": sum(numel(n) for n in order if n in trainable),
-            "frozen_session_params": sum(numel(n) for k in ("prefix", "teacher") for n in session_params.get(k, [])),
+            "frozen_session_params": sum(numel(n) for n in frozen - in_graph), "updated": sum(map(numel, updated)),
             "activations_per_sample": train_acts, "prefix_peak_activation_per_sample": prefix_acts,
-            "input_per_sample": float(torch.Size(model.input_shape).numel())}
+            "input_per_sample": float(torch.Size(model.input_shape).numel()),
+            "train_intermediates_mb": {str(b): mb(train.peak(b)) for b in batches},
+            "frozen_intermediates_mb": {str(b): round(sum(mb(s.peak(b)) for s in sessions), 3)
+                                        for b in range(1, FROZEN_CHUNK + 1)}}
 
 
 def _inspect(graph: torch.nn.Module, args: list) -> tuple[dict[str, list[float]], float, float]:
@@ -262,14 +277,13 @@ def _inspect(graph: torch.nn.Module, args: list) -> tuple[dict[str, list[float]]
     return bn, float(sum(sizes)), float(max(sizes, default=0.0))
 
 
-def _fix_optimizer(path: Path, optimizer: OptimizerConfig) -> None:
-    """Bug 3 (IR cap) and, for AdamW, torch's decoupled weight decay (adam_mode 0 is PyTorch's AdamW)."""
+def _fix_optimizer(path: Path) -> None:
+    """Bug 3 (IR cap) and torch's decoupled weight decay (adam_mode 0 is PyTorch's AdamW)."""
     model = onnx.load(str(path))
-    if optimizer.name == "adamw":
-        for node in model.graph.node:
-            if node.op_type == "AdamWOptimizer":
-                for a in node.attribute:
-                    if a.name == "adam_mode":
-                        a.i = 0
+    for node in model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for a in node.attribute:
+                if a.name == "adam_mode":
+                    a.i = 0
     model.ir_version = min(model.ir_version, 10)
     onnx.save(model, str(path))

@@ -25,7 +25,7 @@ class EagerStage:
             torch.set_num_threads(threads)
         self.model, self.spec, self.dtype = model.to(dtype), spec, dtype
         cfg = optimizer or OptimizerConfig()
-        self.g = build_stage(model, spec, weight_decay=0.0, neulite=neulite)  # decay lives in the optimizer here
+        self.g = build_stage(model, spec, neulite)
         params = [p for _, p in self.g.train.trainable_parameters()]
         if cfg.name == "sgd":
             self.opt = torch.optim.SGD(params, lr=0.01, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -71,6 +71,9 @@ class EagerStage:
         loss, _, data_loss = self.g.train(*args)
         loss.backward()
         return float(data_loss.detach())
+
+    def release_frozen(self) -> None:
+        """Nothing to free: the reference keeps the whole model."""
 
     def step(self, lr: float) -> None:
         """Gradients summed over the micro-batches (each weighted by its share); one optimizer step."""

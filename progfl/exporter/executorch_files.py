@@ -137,7 +137,7 @@ def write_executorch_files(model: BlockModel, spec: StageSpec, neulite: NeuLiteW
     from torch.export import Dim, export
     from torch.export.experimental import _export_forward_backward
 
-    g = build_stage(model, spec, weight_decay=0.0, neulite=neulite)
+    g = build_stage(model, spec, neulite)
     refusal = executorch_refusal(g)
     if refusal:
         raise ExecuTorchRefusal(refusal)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..manifest import Manifest
+from .sizing import floor_mb
 
 
 def _cell(z) -> str:
@@ -46,3 +47,25 @@ def explain(manifest: Manifest) -> str:
               + "budgets: " + ", ".join(f"{c.name}={c.memory_mb:g} MB ({c.backend})" for c in classes)
               + "".join(f"\n{p}" for p in profiled) + "\n" + _output_module(manifest))
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)]) + "\n" + legend
+
+
+def breakdown(manifest: Manifest) -> str:
+    """Where each stage's memory goes, per measured micro-batch: the probe's phases (what the device process held
+    after each, and the most it held during it), the estimate's parts, and the analytic floor (floor_mb)."""
+    out = []
+    for s in manifest.stages:
+        for m in (m for m in s.memory if m.source == "export" and m.phases):
+            floor = floor_mb(s, m.batch, m.backend)
+            total = sum(floor.values())
+            out.append(f"{s.name} ({m.backend}), micro-batch {m.batch}: measured {m.measured_mb:.1f} MB, estimated "
+                       f"{m.estimate_mb:.1f} MB, floor {total:.1f} MB (measured / floor {m.measured_mb / total:.2f})")
+            out.append(f"  {'phase':<38} {'RSS after':>9} {'change':>8} {'peak in phase':>13}")
+            before = 0.0
+            for p in m.phases:
+                out.append(f"  {p['name']:<38} {p['rss_mb']:9.1f} {p['rss_mb'] - before:+8.1f} {p['peak_mb']:13.1f}")
+                before = p["rss_mb"]
+            out.append("  estimate: " + ", ".join(f"{k} {v:.1f}" for k, v in m.breakdown.items()))
+            out.append("  floor:    " + ", ".join(f"{k} {v:.1f}" for k, v in floor.items()))
+    if not out:
+        return "no measured phases: export with --measure"
+    return "\n".join(out) + "\n1 MB = 2^20 bytes."

@@ -28,22 +28,6 @@ def expose_bn_statistics(model: onnx.ModelProto) -> dict[str, str]:
     return updates
 
 
-def fix_eval_model(path: Path, drop_outputs: set[str]) -> None:
-    """Bug 2: the eval graph sets BatchNorm training_mode=0 but keeps its three outputs, so it does not load.
-    Drop the extra node outputs and the graph outputs that were BN statistic updates."""
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization" and len(node.output) > 1:
-            mode = [a for a in node.attribute if a.name == "training_mode"]
-            if not mode or mode[0].i == 0:
-                del node.output[1:]
-    keep = [o for o in model.graph.output if o.name not in drop_outputs]
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
-    cap_ir_version(model)
-    onnx.save(model, str(path))
-
-
 def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> list[str]:
     """Turn the global weights of an inference graph into graph inputs. ORT ignores add_initializer overrides of
     weights that its optimizers fold at load (Conv+BatchNorm fusion at ORT_ENABLE_BASIC and up, NCHWc at ALL;

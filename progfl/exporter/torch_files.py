@@ -41,7 +41,7 @@ def write_torch_files(model: BlockModel, spec: StageSpec, neulite: NeuLiteWeight
                       folder: Path) -> dict[str, Path]:
     """`values`: example inputs by graph-input name (features, inputs, labels, teacher). Returns file kind -> path,
     kinds as the manifest names them (torch.training, torch.prefix, ...)."""
-    g = build_stage(model, spec, weight_decay=0.0, neulite=neulite)
+    g = build_stage(model, spec, neulite)
     out = {"torch.training": _trace(g.train, tuple(values[n] for n in g.train.input_names()), True,
                                  folder / "torch_train.pt")}
     for kind, arg in KINDS.items():

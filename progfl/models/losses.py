@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def gaussian_kernel_minus_one(a: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -46,13 +45,3 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return ((student - teacher) ** 2).mean()
-
-
-def l2_penalty(params: list[nn.Parameter], weight_decay: float) -> torch.Tensor | float:
-    """wd/2 * sum ||p||^2: its gradient is torch SGD's coupled weight decay, which ORT's optimizers lack."""
-    if weight_decay == 0 or not params:
-        return 0.0
-    total = (params[0] * params[0]).sum()
-    for p in params[1:]:
-        total = total + (p * p).sum()
-    return 0.5 * weight_decay * total

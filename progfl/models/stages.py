@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .base import BlockModel, run_frozen
-from .losses import cross_entropy, l2_penalty, mse, nhsic, one_hot
+from .losses import cross_entropy, mse, nhsic, one_hot
 
 KINDS = ("grow", "distill", "neulite", "full")
 
@@ -124,14 +124,15 @@ class TrainGraph(Mirror):
     """The trainable part of a stage and its loss. Inputs: features, [inputs (raw x) | teacher], labels, loss_scale.
 
     loss_scale is the micro-batch's share of its logical batch (size / batch size): the gradients the runtime sums over
-    the micro-batches are then exactly the logical batch's mean gradient (plus weight decay once), whatever the split,
-    and the optimizer steps at the plan's learning rate. Dividing the learning rate by the number of micro-batches
+    the micro-batches are then exactly the logical batch's mean gradient, whatever the split, and the optimizer steps
+    at the plan's learning rate. Weight decay is the optimizer's (every backend's SGD adds wd * p to the gradient): a
+    penalty in the graph would cost weight-sized gradient temporaries per tensor. Dividing the learning rate by the number of micro-batches
     instead is wrong under momentum when that number changes (a short last batch rescales the whole momentum history
     in ORT's formulation) or when micro-batches differ in size."""
 
-    def __init__(self, model: BlockModel, spec: StageSpec, weight_decay: float, neulite: NeuLiteWeights):
+    def __init__(self, model: BlockModel, spec: StageSpec, neulite: NeuLiteWeights):
         t, T = spec.block, model.T
-        self.spec, self.weight_decay = spec, weight_decay
+        self.spec = spec
         self.coadapt = _prefix_split(model, spec)[1]
         if spec.kind == "full":
             self.trainable = ["blocks", "classifier"]
@@ -184,8 +185,7 @@ class TrainGraph(Mirror):
                     - self.l1 * nhsic(h, x, self.sigma)
                     - self.l2 * nhsic(m.projector(z), one_hot(labels, m.num_classes), self.sigma)
                 )
-        penalty = l2_penalty([p for _, p in self.trainable_parameters()], self.weight_decay)
-        return (data_loss + penalty) * scale, logits, data_loss
+        return data_loss * scale, logits, data_loss
 
 
 class InferenceGraph(Mirror):
@@ -224,16 +224,14 @@ class StageGraphs:
     teacher: TeacherGraph | None
 
 
-def build_stage(
-    model: BlockModel, spec: StageSpec, weight_decay: float = 5e-4, neulite: NeuLiteWeights | None = None
-) -> StageGraphs:
+def build_stage(model: BlockModel, spec: StageSpec, neulite: NeuLiteWeights | None = None) -> StageGraphs:
     if spec.kind not in KINDS or not 0 <= spec.block < model.T or (spec.kind == "distill" and spec.block == 0):
         raise ValueError(f"stage {spec.name} does not exist for a model of {model.T} blocks")
     frozen, _ = _prefix_split(model, spec)
     return StageGraphs(
         spec=spec,
         prefix=PrefixGraph(model, frozen) if frozen else None,
-        train=TrainGraph(model, spec, weight_decay, neulite or NeuLiteWeights()),
+        train=TrainGraph(model, spec, neulite or NeuLiteWeights()),
         inference=InferenceGraph(model, spec),
         teacher=TeacherGraph(model, spec) if spec.kind == "distill" else None,
     )

@@ -3,7 +3,8 @@
 ProFL's fleet: 100 devices with budgets drawn uniformly from 100..900 MB against full-model training at
 840 MB, so ~7.6 % of devices hold the full model. Absolute MB depend on the engine and model, so progfl keeps
 the shape, not the numbers: budgets uniform (stratified) between what the smallest stage needs and a ceiling chosen
-so that `full_share` of the devices hold full-model training (both at micro-batch 1, as the manifest sizes them).
+so that `full_share` of the devices hold full-model training (both at their smallest micro-batch, as the manifest
+sizes them).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from ..manifest import Manifest, ManifestError, predicted_peak_mb
 
 
 def required_mb(manifest: Manifest, stage: str) -> float:
-    """The smallest budget that lets a device take part in a stage (micro-batch 1 plus the safety margin)."""
-    return predicted_peak_mb(manifest.stage(stage), 1) / (1.0 - manifest.safety_margin)
+    """The smallest budget that lets a device take part in a stage (its smallest micro-batch plus the safety margin)."""
+    s = manifest.stage(stage)
+    return predicted_peak_mb(s, min(manifest.batch_size, s.min_micro_batch)) / (1.0 - manifest.safety_margin)
 
 
 def profl_fleet(manifest: Manifest, n: int, rng: np.random.Generator, full_share: float = 0.08) -> list[float]:
