@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from progfl.manifest import write_atomic
+from progfl.manifest import SCHEMA_VERSION, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out"
@@ -41,7 +41,7 @@ class Settings:
         """Only what changes the artifacts (not the batches or steps measured)."""
         return {"model": self.model, "width": self.width, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape), "seed": self.seed, "kinds": list(self.kinds),
-                "opset": 17, "optimizer": "sgd-momentum-0.9-wd-5e-4"}
+                "opset": 17, "optimizer": "sgd-momentum-0.9-wd-5e-4", "schema": SCHEMA_VERSION}
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,8 +1,9 @@
-"""Peak memory of each progressive (grow) stage vs full-model training, ONNX Runtime vs PyTorch eager.
+"""Peak memory of every stage of ResNet-18, VGG-11 and a ViT: measured by the ORT probe at micro-batches 1, 8 and 32,
+next to the analytic estimate (exporter/sizing.py) and the floor, as a share of full-model training; who can take part
+in every stage under ProFL's fleet shape; PyTorch eager's peak at 32 for the ResNet.
 
-Every measurement is a fresh subprocess, its peak the VmHWM after imports were done (reset through
-/proc/self/clear_refs), so the after-import RSS of the engine is part of every peak (reported separately):
-  ORT:     progfl.device_runtime.probe.run_probe (torch-free: prefix inference session + training Module)
+Every measurement is a fresh subprocess:
+  ORT:     progfl.device_runtime.probe.run_probe (torch-free: the device's local round, phase by phase)
   PyTorch: this file with --eager-worker (torch imported, the stage's weights built, prefix under no_grad,
            training steps with SGD momentum 0.9 and weight decay 5e-4, as progfl.exporter.eager.EagerStage)
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DEFAULT_OUT, ROOT, STAGES, Settings, ensure_export, md_table, save_figure,  # noqa: E402
+from _common import (DEFAULT_OUT, ROOT, Settings, ensure_export, md_table, save_figure,  # noqa: E402
                      write_json, write_text)
 
 from progfl.device_runtime.memory import peak_mb, reset_peak, rss_mb  # noqa: E402  (no ORT in it)
@@ -45,7 +46,7 @@ def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], cfg["num_classes"], tuple(cfg["input_shape"]), width=cfg["width"])
     spec = parse_stage_name(cfg["stage"])
-    g = build_stage(model, spec, weight_decay=0.0)  # weight decay lives in torch's optimizer
+    g = build_stage(model, spec)  # weight decay lives in the optimizer
     keep = {id(p) for p in g.train.parameters()}
     if g.prefix is not None:
         keep |= {id(p) for p in g.prefix.parameters()}
@@ -74,7 +75,7 @@ def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
             feats = x if g.prefix is None else g.prefix.eval()(x)
         g.train.train()
-        _, _, loss = g.train(feats, y)
+        loss, _, _ = g.train(feats, y, torch.tensor(1.0))  # loss_scale 1: the micro-batch is the batch
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
@@ -115,100 +116,143 @@ def import_baselines() -> dict[str, float]:
     return res
 
 
-def measure(settings: Settings, out: Path) -> dict[str, Any]:
+MODELS = [Settings(), Settings(model="vgg11", width=64), Settings(model="vit", width=192)]
+ORT_BATCHES = (1, 8, 32)  # micro-batches: the bottom the sizing goes to, and the logical batch
+EAGER_BATCH = 32
+MARGIN = 0.15  # the export's default safety margin
+AUTHORS_SHARE = (100 / 840, 900 / 840)  # ProFL's fleet: budgets 100..900 MB against full-model training at 840 MB
+
+
+def measure_model(settings: Settings, out: Path, eager: bool) -> dict[str, Any]:
+    """Every stage of one model: the ORT probe at each micro-batch (peak, phases) next to the estimate and the floor,
+    and PyTorch eager at the logical batch."""
     from progfl.device_runtime.probe import run_probe
+    from progfl.exporter.sizing import estimate, floor_mb
     from progfl.manifest import Manifest
 
     folder = ensure_export(settings, out)
     manifest = Manifest.load(folder)
-    trainable = {s.name: sum(int(__import__("math").prod(p.shape)) for p in s.params if p.trainable)
-                 for s in manifest.stages}
     rows: list[dict[str, Any]] = []
-    for batch in settings.batches:
-        for i, stage in enumerate(STAGES):
-            order = ("ort", "torch") if i % 2 == 0 else ("torch", "ort")  # alternate who goes first
-            res: dict[str, Any] = {}
-            for engine in order:
-                t0 = time.perf_counter()
-                if engine == "ort":
-                    res[engine] = run_probe(folder, stage, batch, steps=settings.steps, threads=settings.threads)
-                else:
-                    res[engine] = run_eager(settings, stage, batch)
-                res[engine]["wall_s"] = round(time.perf_counter() - t0, 1)
-            print(f"  {stage:<7} batch {batch:>3}: ORT {res['ort']['peak_mb']:7.1f} MB "
-                  f"({res['ort']['step_ms']:7.1f} ms/step)   PyTorch {res['torch']['peak_mb']:7.1f} MB "
-                  f"({res['torch']['step_ms']:7.1f} ms/step)", flush=True)
-            rows.append({"stage": stage, "batch": batch, "trainable_params": trainable[stage],
-                         "ort": res["ort"], "torch": res["torch"]})
-    return {"settings": settings.as_dict(), "artifacts": str(folder.relative_to(ROOT) if folder.is_relative_to(ROOT)
-                                                             else folder),
-            "after_import_mb": import_baselines(), "rows": rows}
+    for stage in manifest.stages:
+        row: dict[str, Any] = {"stage": stage.name, "trainable_params": int(stage.footprint["trainable"]), "ort": {}}
+        for b in ORT_BATCHES:
+            probe = run_probe(folder, stage.name, b, steps=settings.steps, threads=settings.threads)
+            est = estimate(stage, b)
+            row["ort"][str(b)] = {"peak_mb": probe["peak_mb"], "estimate_mb": est.estimate_mb,
+                                  "estimate_parts": est.breakdown, "step_ms": probe["step_ms"],
+                                  "phases": probe["phases"]}
+            print(f"  {settings.model:<8} {stage.name:<7} ORT @{b:<3} {probe['peak_mb']:7.1f} MB measured, "
+                  f"{est.estimate_mb:7.1f} estimated", flush=True)
+        row["floor"] = floor_mb(stage, max(ORT_BATCHES))
+        if eager:
+            row["eager"] = run_eager(settings, stage.name, EAGER_BATCH)
+        rows.append(row)
+    return {"settings": settings.as_dict(), "rows": rows}
+
+
+def measure(out: Path, quick: bool) -> dict[str, Any]:
+    models = [Settings.make(True)] if quick else MODELS
+    return {"models": [measure_model(m, out, eager=m.model == "resnet18") for m in models],
+            "after_import_mb": import_baselines()}
+
+
+def participation(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who can take part in every progressive stage. A device needs a stage's peak at micro-batch 1 (the sizing's
+    bottom) under its budget x (1 - margin); the smallest budget that takes every stage, as a share of full-model
+    training's peak at the logical batch; and the share of devices that take part in every stage in two fleets of
+    ProFL's shape: progfl's (server/fleet.py: budgets uniform from the cheapest stage's need to a ceiling where 8 %
+    hold full-model training at micro-batch 1) and the authors' (budgets 100..900 MB against full training at 840)."""
+    need = {r["stage"]: r["ort"]["1"]["peak_mb"] / (1 - MARGIN) for r in rows}
+    full32 = next(r for r in rows if r["stage"] == "full")["ort"][str(max(ORT_BATCHES))]["peak_mb"]
+    grow = [s for s in need if s.startswith("grow")]
+    all_stages = max(need[s] for s in grow)
+    low = min(need[s] for s in grow)
+    high = (need["full"] - 0.08 * low) / (1 - 0.08)
+    a_low, a_high = AUTHORS_SHARE[0] * full32 / (1 - MARGIN), AUTHORS_SHARE[1] * full32 / (1 - MARGIN)
+    share = lambda lo, hi, x: max(0.0, min(1.0, (hi - x) / (hi - lo)))  # noqa: E731  P(uniform budget >= x)
+    return {"smallest_budget_every_stage_mb": round(all_stages, 1),
+            "as_share_of_full_training": round(all_stages * (1 - MARGIN) / full32, 3),
+            "progfl_fleet_every_stage": round(share(low, high, all_stages), 3),
+            "progfl_fleet_per_stage": {s: round(share(low, high, need[s]), 3) for s in grow},
+            "authors_fleet_every_stage": round(share(a_low, a_high, all_stages), 3)}
 
 
 def summarize(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Markdown table (peaks and % of full training with the same engine) and the headline ratios."""
-    batches = data["settings"]["batches"]
-    peak = {(r["stage"], r["batch"], e): r[e]["peak_mb"] for r in data["rows"] for e in ("ort", "torch")}
-    params = {r["stage"]: r["trainable_params"] for r in data["rows"]}
-    header = ["stage", "trainable params"]
-    header += [f"ORT MB @{b}" for b in batches] + [f"PyTorch MB @{b}" for b in batches]
-    rows = []
-    for s in STAGES:
-        row: list[Any] = [s, f"{params[s]:,}"]
-        for e in ("ort", "torch"):
-            for b in batches:
-                v, full = peak[(s, b, e)], peak[("full", b, e)]
-                row.append(f"{v:.1f} ({100 * v / full:.1f}%)")
-        rows.append(row)
-    headline: dict[str, Any] = {}
-    grow = [s for s in STAGES if s != "full"]
-    for e, label in (("ort", "ORT"), ("torch", "PyTorch")):
-        for b in batches:
-            largest = max(grow, key=lambda s: peak[(s, b, e)])
-            frac = peak[(largest, b, e)] / peak[("full", b, e)]
-            headline[f"{label}@{b}"] = {"largest_stage": largest, "peak_mb": peak[(largest, b, e)],
-                                        "full_mb": peak[("full", b, e)], "fraction_of_full": round(frac, 3),
-                                        "reduction_pct": round(100 * (1 - frac), 1)}
+    """Per model: measured / estimated MB per micro-batch, % of full training, floor ratio; headline and fleet."""
+    parts, headline = [], {}
+    big = str(max(ORT_BATCHES))
+    for m in data["models"]:
+        s, rows = m["settings"], m["rows"]
+        full = {b: next(r for r in rows if r["stage"] == "full")["ort"][b]["peak_mb"] for b in rows[0]["ort"]}
+        header = ["stage", "trainable"] + [f"ORT @{b}: measured (est)" for b in ORT_BATCHES] + \
+                 [f"% of full @{big}", f"floor @{big}", "measured / floor"] + \
+                 ([f"eager @{EAGER_BATCH}"] if "eager" in rows[0] else [])
+        table, worst = [], 0.0
+        for r in rows:
+            cells = [r["stage"], f"{r['trainable_params']:,}"]
+            for b in map(str, ORT_BATCHES):
+                c = r["ort"][b]
+                worst = max(worst, abs(c["estimate_mb"] / c["peak_mb"] - 1))
+                cells.append(f"{c['peak_mb']:.1f} ({c['estimate_mb']:.0f})")
+            floor = sum(r["floor"].values())
+            cells += [f"{100 * r['ort'][big]['peak_mb'] / full[big]:.1f}%", f"{floor:.1f}",
+                      f"{r['ort'][big]['peak_mb'] / floor:.2f}"]
+            if "eager" in r:
+                cells.append(f"{r['eager']['peak_mb']:.1f}")
+            table.append(cells)
+        grow = [r for r in rows if r["stage"].startswith("grow")]
+        largest = max(grow, key=lambda r: r["ort"][big]["peak_mb"])
+        fleet = participation(rows)
+        headline[s["model"]] = {"largest_stage": largest["stage"], "largest_mb": largest["ort"][big]["peak_mb"],
+                                "full_mb": full[big],
+                                "fraction_of_full": round(largest["ort"][big]["peak_mb"] / full[big], 3),
+                                "worst_estimate_error": round(worst, 3), "fleet": fleet}
+        h = headline[s["model"]]
+        parts.append(
+            f"## {s['model']} (width {s['width']}), {'x'.join(map(str, s['input_shape']))}, SGD momentum 0.9\n\n"
+            + md_table(header, table)
+            + f"\n- Largest grow stage: {h['largest_stage']} at {h['largest_mb']} MB = "
+            f"**{100 * h['fraction_of_full']:.1f}%** of full-model training ({h['full_mb']} MB) at batch {big}.\n"
+            f"- Estimate: worst error {100 * worst:.1f}% over every stage and micro-batch.\n"
+            f"- Every stage at micro-batch 1 fits a budget of {fleet['smallest_budget_every_stage_mb']} MB "
+            f"(peak + {MARGIN:.0%} margin) = **{100 * fleet['as_share_of_full_training']:.1f}%** of full-model "
+            f"training's peak. Devices that take part in every stage: {100 * fleet['progfl_fleet_every_stage']:.0f}% "
+            f"of progfl's ProFL fleet (per stage: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
+                                                              fleet["progfl_fleet_per_stage"].items())
+            + f"), {100 * fleet['authors_fleet_every_stage']:.0f}% of the authors' fleet.\n")
     base = data["after_import_mb"]
-    s = data["settings"]
-    text = (f"# Peak memory per stage: {s['model']} (width {s['width']}), {'x'.join(map(str, s['input_shape']))}, "
-            f"{s['num_classes']} classes, {s['steps']} steps, {s['threads']} threads, SGD momentum\n\n"
-            "Peak RSS (VmHWM) of a fresh process per cell, after-import RSS included; in brackets: % of full-model "
-            "training with the same engine at the same batch.\n\n" + md_table(header, rows) +
-            "\nAfter import (RSS, MB): " + ", ".join(f"{k} {v}" for k, v in base.items()) + "\n\n"
-            "Largest grow stage vs full-model training:\n\n" +
-            "".join(f"- {k}: {v['largest_stage']} {v['peak_mb']} MB vs full {v['full_mb']} MB = "
-                    f"{100 * v['fraction_of_full']:.1f}% ({v['reduction_pct']:.1f}% less)\n" for k, v in headline.items()))
+    text = ("# Peak memory per stage: measured, estimated, floor\n\nPeak RSS (VmHWM) of a fresh process per cell, "
+            "from the engine's import to the update read (the probe's local round: engine loaded, weights received, "
+            "frozen outputs cached, 3 steps); in brackets the analytic estimate (exporter/sizing.py). Floor: runtime "
+            "+ weights + gradients + one momentum + frozen prefix + the training graph's intermediates "
+            "(sizing.floor_mb). 1 MB = 2^20 bytes.\n\n" + "\n".join(parts)
+            + "\nAfter import (RSS, MB): " + ", ".join(f"{k} {v}" for k, v in base.items()) + "\n")
     return text, headline
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
+    """Measured peak per stage at each micro-batch, one panel per model, with the floor at the logical batch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    batches = data["settings"]["batches"]
-    peak = {(r["stage"], r["batch"], e): r[e]["peak_mb"] for r in data["rows"] for e in ("ort", "torch")}
-    series = [(e, b) for e in ("ort", "torch") for b in batches]
-    colors = ["#1f77b4", "#6baed6", "#d62728", "#fc9272"]
-    x = np.arange(len(STAGES))
-    w = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    for k, (e, b) in enumerate(series):
-        vals = [peak[(s, b, e)] for s in STAGES]
-        bars = ax.bar(x + (k - (len(series) - 1) / 2) * w, vals, w, color=colors[k % 4],
-                      label=f"{'ORT' if e == 'ort' else 'PyTorch'} batch {b}")
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    base = data["after_import_mb"]
-    for name, style in (("python+ort (progfl runtime, torch-free)", "#1f77b4"), ("python+torch (progfl.models)", "#d62728")):
-        ax.axhline(base[name], ls="--", lw=1, color=style, label=f"after import: {name.split(' (')[0]}")
-    ax.set_xticks(x, STAGES)
-    ax.set_ylabel("peak RSS (MB)")
-    s = data["settings"]
-    ax.set_title(f"Peak memory per stage, {s['model']} width {s['width']}, {'x'.join(map(str, s['input_shape']))}")
-    ax.legend(fontsize=8, ncol=2)
+    models = data["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = m["rows"]
+        x = np.arange(len(rows))
+        w = 0.8 / len(ORT_BATCHES)
+        for k, b in enumerate(ORT_BATCHES):
+            vals = [r["ort"][str(b)]["peak_mb"] for r in rows]
+            bars = ax.bar(x + (k - (len(ORT_BATCHES) - 1) / 2) * w, vals, w, label=f"ORT micro-batch {b}")
+            ax.bar_label(bars, fmt="%.0f", fontsize=6)
+        ax.plot(x, [sum(r["floor"].values()) for r in rows], "k_", ms=18, mew=2, label=f"floor @{max(ORT_BATCHES)}")
+        ax.set_xticks(x, [r["stage"] for r in rows], fontsize=8)
+        ax.set_ylabel("peak RSS (MB)")
+        ax.set_title(f"{m['settings']['model']} width {m['settings']['width']}")
+        ax.legend(fontsize=7)
     save_figure(fig, path)
     plt.close(fig)
 
@@ -216,17 +260,16 @@ def plot(data: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: width 16, batches 8 and 16, 2 steps")
+    ap.add_argument("--quick", action="store_true", help="smoke run: ResNet-18 width 16 only")
     ap.add_argument("--eager-worker", metavar="JSON", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.eager_worker:
         print(json.dumps(eager_worker(json.loads(a.eager_worker))))
         return 0
-    settings = Settings.make(a.quick)
     out = a.out.resolve()
     suffix = "_quick" if a.quick else ""
     t0 = time.perf_counter()
-    data = measure(settings, out)
+    data = measure(out, a.quick)
     text, headline = summarize(data)
     data["headline"] = headline
     data["seconds"] = round(time.perf_counter() - t0, 1)
