@@ -187,12 +187,12 @@ class Stage:
 
     @property
     def min_micro_batch(self) -> int:
-        """The smallest micro-batch this stage trains with. BatchNorm normalises each micro-batch by its own statistics
-        (as torch does when a batch is split): every BatchNorm must see at least two values per channel, or it
-        normalises its input to zero and passes no gradient. A conv BatchNorm sees batch x H x W values, so micro-batch
-        1 is fine down to 1x1 maps; there (a BatchNorm after global pooling) the floor is 2."""
-        counts = [float(v[0]) for v in self.bn_variance.values()]
-        return max(1, math.ceil(2.0 / min(counts))) if counts else 1
+        """The smallest micro-batch this stage trains with: 2 when it trains a BatchNorm, else 1. BatchNorm normalises
+        each micro-batch by its own statistics (as torch does when a batch is split); with one sample those are one
+        image's, and training drifts from the big batch's (the demo's ExclusiveFL device, trained at micro-batch 1,
+        ended far below the same device at 2: README, "Micro-batches down to 1"). A BatchNorm after global pooling
+        would even see a single value per channel and pass no gradient."""
+        return 2 if self.bn_variance else 1
 
     @property
     def trainable_names(self) -> list[str]:
@@ -311,7 +311,8 @@ class Manifest:
                     raise ManifestError(f"stage {s.name}: {kind} reads arrays the global model does not have")
             if not set(s.bn_updates.values()) <= {p.name for p in s.params}:
                 raise ManifestError(f"stage {s.name}: BatchNorm update of an unknown parameter")
-            for need in ("training", "checkpoint", "inference") + (("optimizer",) if s.optimizer["name"] == "adamw" else ()):
+            optimizer_graph = ("optimizer",) if s.optimizer["name"] == "adamw" else ()  # SGD is stepped by the runtime
+            for need in ("training", "checkpoint", "inference", *optimizer_graph):
                 if need not in s.files:
                     raise ManifestError(f"stage {s.name}: no {need} file")
             for m in s.memory:

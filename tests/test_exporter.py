@@ -217,3 +217,11 @@ def test_optimizer_semantics(optimizer, tmp_path):
     ref = eager.get_weights()
     for name, value in ort.get_weights().items():
         np.testing.assert_allclose(value, ref[name], atol=1e-6, rtol=1e-5, err_msg=f"{optimizer} {name}")
+    # a new round with the same weights: predictions as before training (AdamW reloads its state, new buffers)
+    x, y = batch(manifest, rng)
+    ort.set_weights(w)
+    before = ort.predict(x)
+    ort.accumulate(inputs_for(ort, x, y))
+    ort.step(0.05)
+    ort.set_weights(w)
+    np.testing.assert_array_equal(ort.predict(x), before)

@@ -81,7 +81,8 @@ def test_deployment_superlink_three_supernodes(artifacts, tmp_path):
         assert ev["samples"] == sum(len(np.load(tmp_path / "eval" / f"device_{i:04d}.npz")["y"]) for i in (0, 1))
         assert 0.0 <= ev["accuracy"] <= 1.0 and np.isfinite(ev["loss"])
     # the small node never received a stage's files; the others did, once
-    sha = next((tmp_path / "cache0").iterdir()).name
+    sha = next(p.name for p in (tmp_path / "cache0").iterdir() if p.name != "features")  # beside: the feature cache
+    assert (tmp_path / "cache0" / "features").is_dir(), "a node keeps its frozen-prefix features by default"
     first = make_plan("profl", manifest, PlanConfig(rounds=2)).phases[0].stage
     assert (tmp_path / "cache0" / sha / manifest.stage(first).files["training"].path).exists()
     assert not (tmp_path / "cache2").exists() or not any((tmp_path / "cache2").rglob("*.onnx"))

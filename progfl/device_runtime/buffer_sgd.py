@@ -12,8 +12,8 @@ the gradients:
 
 That is torch.optim.SGD(momentum=mu, weight_decay=wd, dampening=0, nesterov=False) step for step.
 
-The arrays are numpy views of ORT's CPU buffers (their data pointers), valid while the CheckpointState and Module that
-own them live: OrtStage rebuilds them whenever it reloads those.
+The arrays are numpy views of ORT's CPU buffers (their data pointers); each keeps its tensor alive. OrtStage makes new
+ones whenever it reloads its state.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ import numpy as np
 
 
 def tensor_view(value, shape: list[int]) -> np.ndarray:
-    """A float32 view (no copy) of an ORT CPU tensor (a C-level OrtValue, as CheckpointState's parameters hold)."""
+    """A float32 view (no copy) of an ORT CPU tensor (a C-level OrtValue, as CheckpointState's parameters hold). The
+    view keeps `value`, and with it the tensor's buffer, alive: it never points into freed memory."""
     n = int(np.prod(shape))
     if value.data_type() != "tensor(float)" or int(np.prod(value.shape())) != n:
         raise ValueError(f"expected a float32 tensor of {n} elements, got {value.data_type()} {value.shape()}")
-    return np.ctypeslib.as_array((ctypes.c_float * n).from_address(value.data_ptr())).reshape(shape)
+    buffer = (ctypes.c_float * n).from_address(value.data_ptr())
+    buffer.owner = value
+    return np.ctypeslib.as_array(buffer).reshape(shape)
 
 
 class BufferSGD:

@@ -82,10 +82,10 @@ class OrtStage(StageBackend):
             manifest.verify_files(self.folder, self.stage, "ort")
         self._so = session_options(self.options)
         self._inference_so = session_options(self.options, shared_arena=False)
+        self._sessions: dict[str, InferenceFile] = {}
         self._load_training()
         self.output_names = self.module.output_names()
         self._bn = [(i, self.stage.bn_updates[n]) for i, n in enumerate(self.output_names) if n in self.stage.bn_updates]
-        self._sessions: dict[str, InferenceFile] = {}
         self._fresh: set[str] = set()  # files whose bound weights are current
         in_graph = {p.name for p in self.stage.params}
         self._frozen_names = sorted({n for names in self.stage.session_params.values() for n in names} - in_graph)
@@ -119,6 +119,8 @@ class OrtStage(StageBackend):
             raise ManifestError(f"stage {self.stage.name}: checkpoint does not match the manifest ({e})") from None
         if o["name"] == "sgd":
             self.sgd = BufferSGD(grads, float(o["momentum"]), float(o["weight_decay"]))
+        for f in self._sessions.values():
+            f.digest = ""  # bound to the old state's buffers: rebind even if the values are the same
         self._stepped = False
 
     # --- weights ---
