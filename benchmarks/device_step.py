@@ -44,8 +44,8 @@ _EXTRA: dict[str, Any] = {"config": {}, "profile": None}
 _original_session_options = ort_backend.session_options
 
 
-def _patched_session_options(opts: RuntimeOptions):
-    so = _original_session_options(opts)
+def _patched_session_options(opts: RuntimeOptions, shared_arena: bool = True):
+    so = _original_session_options(opts, shared_arena)
     for k, v in _EXTRA["config"].items():
         so.add_session_config_entry(k, v)
     if _EXTRA["profile"]:
@@ -153,21 +153,6 @@ def stage_steps(folder: Path, manifest: Manifest, settings: Settings, batch: int
     return res
 
 
-def digest_cost(folder: Path, manifest: Manifest, stage: str, reps: int = 5) -> dict[str, float]:
-    """OrtStage._run hashes (sha256) every prefix weight on every features() call to check its bound weights."""
-    b = OrtStage(folder, manifest, stage, RuntimeOptions(threads=2), verify=False)
-    b.set_weights(synthetic_weights(manifest, manifest.stage(stage)))
-    names = b.stage.session_params.get("prefix", [])
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        ort_backend._digest(b._weights, names)
-        ts.append(time.perf_counter() - t0)
-    n = sum(b._weights[k].size for k in names)
-    return {"stage": stage, "prefix_arrays": len(names), "prefix_elements": int(n),
-            "ms_per_features_call": round(1000 * statistics.median(ts), 2)}
-
-
 def feature_cache(folder: Path, manifest: Manifest, stage: str, samples: int, batch: int, reps: int,
                   log: Callable[[str], None]) -> dict[str, Any]:
     """A later local round with the prefix features already cached vs the same round computing them."""
@@ -178,8 +163,12 @@ def feature_cache(folder: Path, manifest: Manifest, stage: str, samples: int, ba
     from progfl.manifest import TrainTask
 
     s = manifest.stage(stage)
-    task = TrainTask(round=1, stage=stage, manifest_sha256="", weights=synthetic_weights(manifest, s), lr=0.01,
-                     epochs=1, batch_size=batch, micro_batch=batch, accum_steps=1, seed=0)
+    weights = synthetic_weights(manifest, s)
+
+    def task() -> TrainTask:  # a round consumes its task's weights
+        return TrainTask(round=1, stage=stage, manifest_sha256="", weights=dict(weights), lr=0.01, epochs=1,
+                         batch_size=batch, micro_batch=batch, accum_steps=1, seed=0)
+
     backend = OrtStage(folder, manifest, stage, RuntimeOptions(threads=2), verify=False)
     times: dict[str, list[float]] = {"no_cache": [], "cached": []}
     with tempfile.TemporaryDirectory() as d:
@@ -188,13 +177,13 @@ def feature_cache(folder: Path, manifest: Manifest, stage: str, samples: int, ba
         shard.validate(manifest.input_shape, manifest.num_classes)
         cache = FeatureCache(Path(d) / "cache")
         t0 = time.perf_counter()
-        first = train_round(backend, s, task, shard, cache)  # fills the cache (an earlier round of this stage)
+        first = train_round(backend, s, task(), shard, cache)  # fills the cache (an earlier round of this stage)
         fill_s = time.perf_counter() - t0
         for i in range(reps):
             order = ("no_cache", "cached") if i % 2 == 0 else ("cached", "no_cache")
             for k in order:
                 t0 = time.perf_counter()
-                train_round(backend, s, task, shard, cache if k == "cached" else None)
+                train_round(backend, s, task(), shard, cache if k == "cached" else None)
                 times[k].append(time.perf_counter() - t0)
         hits = cache.hits
         shard.close()
@@ -273,15 +262,13 @@ def peaks(settings: Settings, out: Path, batch: int, stages: list[str], folder: 
     """Peak RSS per stage at this batch: from stage_memory's JSON when it measured the same settings, else measured."""
     src = out / ("stage_memory_quick.json" if settings.width != 64 else "stage_memory.json")
     if src.exists():
-        data = json.loads(src.read_text())
-        same = {k: data["settings"][k] for k in ("model", "width", "num_classes", "threads")} == \
-               {"model": settings.model, "width": settings.width, "num_classes": settings.num_classes,
-                "threads": settings.threads}
-        rows = {r["stage"]: r for r in data["rows"] if r["batch"] == batch}
-        if same and all(s in rows for s in stages):
-            log(f"  peak RSS from {src.name}")
-            return {"source": src.name, **{s: {"ort_mb": rows[s]["ort"]["peak_mb"], "eager_mb": rows[s]["torch"]["peak_mb"]}
-                                           for s in stages}}
+        key = ("model", "width", "num_classes", "threads")
+        for m in json.loads(src.read_text())["models"]:
+            rows = {r["stage"]: r for r in m["rows"] if str(batch) in r["ort"] and "eager" in r}
+            if all(m["settings"][k] == getattr(settings, k) for k in key) and all(s in rows for s in stages):
+                log(f"  peak RSS from {src.name}")
+                return {"source": src.name, **{s: {"ort_mb": rows[s]["ort"][str(batch)]["peak_mb"],
+                                                   "eager_mb": rows[s]["eager"]["peak_mb"]} for s in stages}}
     import stage_memory
     from progfl.device_runtime.probe import run_probe
 
@@ -329,9 +316,6 @@ def report(data: dict[str, Any]) -> str:
     text += ("\n## ORT settings vs the gap (each row: fresh sessions, interleaved with eager at the same threads; "
              "ratio = median of paired step ratios)\n\n")
     text += md_table(header, vrows)
-    d = data["digest"]
-    text += (f"\nPrefix weight hash per features() call ({d['stage']}, {d['prefix_elements']:,} prefix weights): "
-             f"{d['ms_per_features_call']:.1f} ms.\n")
     for prof in ("ort_profile", "torch_profile"):
         for p in data.get(prof, []):
             ops = ", ".join(f"{k} {v}%" for k, v in list(p["top_ops_pct"].items())[:6])
@@ -420,9 +404,6 @@ def why(data: dict[str, Any]) -> str:
                  "; ".join(f"{n} {r:.2f}x [{statistics.mean(data['variants'][n][s]['ratio_of_mins'] for s in vs):.2f}x]"
                            for n, r in best) +
                  f" (default {statistics.mean(base[s]['ratio'] for s in vs):.2f}x).")
-    d = data["digest"]
-    parts.append(f"OrtStage.features() re-hashes every prefix weight on each call: {d['ms_per_features_call']:.1f} ms "
-                 f"per call for {d['stage']} ({d['prefix_elements']:,} weights).")
     return " ".join(parts)
 
 
@@ -451,8 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     log("feature cache:")
     samples = 64 if a.quick else 256
     data["feature_cache"] = feature_cache(folder, manifest, "grow-3", samples, batch, 3, log)
-    data["digest"] = digest_cost(folder, manifest, "grow-3")
-    log(f"  prefix hash per features() call: {data['digest']}")
     data["variant_stages"] = ["grow-0", "full"]
     log("ORT settings:")
     data["variants"] = {}
