@@ -230,7 +230,9 @@ def _start_simulate(artifacts, tmp_path, out, rounds: int) -> subprocess.Popen:
         [sys.executable, "-m", "progfl.cli", "simulate", "--plan", "fedavg", "--artifacts", str(artifacts), "--out",
          str(out), "--dataset", "digits", "--fleet", str(fleet), "--per-round", "3", "--rounds", str(rounds),
          "--epochs", "3", "--seed", "1", "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as from a terminal: a background job of a shell (`make test &`) ignores SIGINT; children would inherit it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_jobs(p: subprocess.Popen, out, timeout: float = 120) -> list[int]:
