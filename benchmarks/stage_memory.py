@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DEFAULT_OUT, ROOT, Settings, ensure_export, md_table, save_figure,  # noqa: E402
                      write_json, write_text)
 
-from progfl.device_runtime.memory import peak_mb, reset_peak, rss_mb  # noqa: E402  (no ORT in it)
+from progfl.device_runtime.memory import peak_mb, release_free_memory, reset_peak, rss_mb  # noqa: E402  (no ORT)
 
 
 def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -33,7 +33,6 @@ def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     Imports only torch and progfl.models (progfl.exporter would pull onnx and onnxruntime into the process).
     The process holds only what the stage needs (prefix + trainable part), as the ORT side does: the model's
     other parameters are dropped before the measured phase starts."""
-    import ctypes
     import gc
 
     import numpy as np
@@ -57,10 +56,7 @@ def eager_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             p.data = torch.empty(0)
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    release_free_memory()
     trainable = [p for _, p in g.train.trainable_parameters()]
     rng = np.random.default_rng(0)
     start = rss_mb()

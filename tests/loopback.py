@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable
 
+import pytest
+
 BIN = Path(sys.executable).parent
 CONNECTION = "deploy"  # name of the SuperLink connection written to config.toml
 
@@ -401,6 +403,16 @@ class Deployment:
         r = subprocess.run([str(BIN / "flwr"), "log", str(run_id), CONNECTION, "--show"], env=self.cli_env,
                            capture_output=True, text=True, timeout=60)
         return r.stdout + r.stderr
+
+    def run_to_completion(self, app: Path, run_config: str, timeout: float, logs: Iterable[str] = ()) -> int:
+        """run + wait; a run that does not complete fails the test with the ServerApp's log and the named process
+        logs."""
+        run_id = self.run(app, run_config)
+        status = self.wait(run_id, timeout=timeout)
+        if status != "finished:completed":
+            tails = "".join(f"\n--- {name}.log:\n{self.log(name)[-2000:]}" for name in logs)
+            pytest.fail(f"run {run_id}: {status!r}\n--- ServerApp log:\n{self.run_log(run_id)[-4000:]}{tails}")
+        return run_id
 
     def wait(self, run_id: int, timeout: float = 150, poll: float = 2) -> str:
         """Poll `flwr ls` until the run's status is finished:* (or timeout); returns the last status."""

@@ -58,10 +58,7 @@ def test_deployment_superlink_three_supernodes(artifacts, tmp_path):
         run_cfg = (f'artifacts="{artifacts}" out="{tmp_path / "run"}" test-data="{tmp_path / "test.npz"}" '
                    f'plan="profl" rounds=2 per-round=3 seed=1 lr=0.05 epochs=1 min-nodes=3 query-timeout=120.0 '
                    f'round-timeout=300.0 pace=\'{json.dumps(PACE)}\'')
-        run_id = d.run(APP, run_cfg)
-        status = d.wait(run_id, timeout=180)
-        if status != "finished:completed":
-            pytest.fail(f"run {run_id}: {status!r}\n{d.run_log(run_id)[-4000:]}")
+        d.run_to_completion(APP, run_cfg, timeout=180)
     assert not d.left, f"processes left running: {d.left}"
 
     h = json.loads((tmp_path / "run" / "history.json").read_text())

@@ -77,11 +77,7 @@ def test_tls_supernode_auth_run_and_unregistered_node_refused(artifacts, tmp_pat
         run_cfg = (f'artifacts="{artifacts}" out="{tmp_path / "run"}" test-data="{tmp_path / "test.npz"}" '
                    f'plan="fedavg" rounds=2 per-round=2 seed=1 lr=0.05 epochs=1 min-nodes=2 query-timeout=60.0 '
                    f'round-timeout=120.0')
-        run_id = d.run(APP, run_cfg)
-        status = d.wait(run_id, timeout=120)
-        if status != "finished:completed":
-            pytest.fail(f"run {run_id}: {status!r}\n--- ServerApp log:\n{d.run_log(run_id)[-4000:]}\n"
-                        f"--- node0.log:\n{d.log('node0')[-2000:]}")
+        d.run_to_completion(APP, run_cfg, timeout=120, logs=("node0",))
         assert sorted(n["node-id"] for n in d.supernodes()) == sorted(str(i) for i in ids)
     assert not d.left, f"processes left running: {d.left}"
     assert all(p.returncode is not None for p in d.procs)

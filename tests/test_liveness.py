@@ -2,7 +2,7 @@
 
 from onnx import TensorProto, helper
 
-from progfl.exporter.liveness import GraphLiveness, intermediate_peak, ort_order
+from progfl.exporter.liveness import GraphLiveness, ort_order
 
 
 def _model(nodes, inputs, outputs, initializers=()):
@@ -35,7 +35,7 @@ def test_tensor_freed_after_last_use():
     # a chain: each tensor dies once the next is made, so at most two are live (not three)
     m = _model([helper.make_node("Relu", ["X"], ["A"]), helper.make_node("Neg", ["A"], ["B"]),
                 helper.make_node("Sigmoid", ["B"], ["Y"])], [_x()], [_y()])
-    assert intermediate_peak(m, 2).peak_bytes == 2 * 32 * 2
+    assert GraphLiveness(m).peak(2).peak_bytes == 2 * 32 * 2
 
 
 def test_inputs_initializers_and_views_not_counted():
@@ -45,7 +45,7 @@ def test_inputs_initializers_and_views_not_counted():
                 helper.make_node("Reshape", ["A", "S"], ["R"]),  # a view of A: no new bytes
                 helper.make_node("Identity", ["X"], ["I"]),  # a view of an input: not an intermediate
                 helper.make_node("Relu", ["R"], ["Y"])], [_x()], [_y()], [w, shape])
-    p = intermediate_peak(m, 3)
+    p = GraphLiveness(m).peak(3)
     assert p.peak_bytes == 2 * 32 * 3  # A (alive as R until Relu) + Y; X, W, S and I add nothing
 
 
@@ -54,7 +54,7 @@ def test_symbol_resolved_by_inference_and_other_batch_name():
     shape = helper.make_tensor("S", TensorProto.INT64, [1], [-1])
     m = _model([helper.make_node("Reshape", ["X", "S"], ["R"]), helper.make_node("Relu", ["R"], ["Y"])],
                [_x(batch="N")], [_y()], [shape])
-    assert intermediate_peak(m, 5).peak_bytes == 5 * 32
+    assert GraphLiveness(m).peak(5).peak_bytes == 5 * 32
 
 
 def test_conv_scratch_is_fixed_bytes():
@@ -83,6 +83,6 @@ def test_gradient_naming_fallback():
                 helper.make_node("Mystery", ["A", "W"], ["W_grad"], domain="com.example"),
                 helper.make_node("Neg", ["W_grad"], ["Y"])], [x, wv], [_y()])
     m.opset_import.append(helper.make_opsetid("com.example", 1))
-    p = intermediate_peak(m, 1)
+    p = GraphLiveness(m).peak(1)
     assert p.peak_bytes == 16 + 4000  # A and W_grad at Mystery; Y has no shape at all: 0 bytes, and named
     assert p.fallback_share == 4000 / 4016 and p.unresolved == ("Y",)

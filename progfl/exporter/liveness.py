@@ -334,8 +334,3 @@ class GraphLiveness:
                                 per_sample_bytes=(total - fixed) / batch,
                                 peak_node=node.name or f"{node.op_type}#{self.order[step]}",
                                 fallback_share=fallback / total if total else 0.0, unresolved=self.unresolved)
-
-
-def intermediate_peak(model: str | Path | onnx.ModelProto, batch: int, threads: int = 2) -> IntermediatePeak:
-    """Peak bytes of one graph's intermediate tensors at this batch (see GraphLiveness for several batches)."""
-    return GraphLiveness(model, threads).peak(batch)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..device_runtime.buffer_sgd import BufferSGD
 from ..device_runtime.trainer import FROZEN_CHUNK
 from ..manifest import BACKENDS, DeviceClass, Manifest, MemoryPoint, Stage, size_stage
 
@@ -64,8 +65,8 @@ def estimate(stage: Stage, batch: int, backend: str = "ort") -> MemoryPoint:
         }
     else:
         parts = {"runtime": RUNTIME_BASELINE_MB["ort"], "weights": f["params"] * _MB, "gradients": f["trainable"] * _MB,
-                 "optimizer": _moments(stage, backend) * f["trainable"] * _MB + (1.0 if stage.optimizer["name"] == "sgd"
-                                                                                 else 0.0),
+                 "optimizer": (_moments(stage, backend) * f["trainable"]
+                               + (BufferSGD.CHUNK if stage.optimizer["name"] == "sgd" else 0)) * _MB,
                  "sessions": ORT_SESSIONS_MB}
         rows = (math.prod(stage.feature.shape[1:]) + f["input_per_sample"]) * batch * _MB
         phases = {
