@@ -18,17 +18,19 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-SCHEMA_VERSION = 3  # 2: backends (torch files, per-backend memory points, device classes' backend and profile) and
+SCHEMA_VERSION = 4  # 2: backends (torch files, per-backend memory points, device classes' backend and profile) and
 # the training graphs' loss_scale input (version-1 graphs lack it: export again). 3: no weight decay in the training
-# graphs, no eval graph, and no optimizer graph for SGD (the runtime steps SGD itself)
+# graphs, no eval graph, and no optimizer graph for SGD (the runtime steps SGD itself). 4: width stages (sub-models
+# of the global model, their arrays slices of the global ones: Stage.slices) and depth stages (DepthFL's depth-k
+# sub-models, loss "depthfl")
 MANIFEST_NAME = "manifest.json"
 # What a device trains with: ONNX Runtime training; PyTorch (boards without ORT); ExecuTorch (EXPERIMENTAL: 1.5.1,
 # the stages it trains correctly only). A stage's files of backend b other than ORT have kinds "b.<kind>"
 # (torch.training, torch.prefix, executorch.training, ...).
 BACKENDS = ("ort", "torch", "executorch")
 EXECUTORCH_PIN = "1.5.1"  # the ExecuTorch version its programs and refusals were checked against
-STAGE_KINDS = ("grow", "distill", "neulite", "full")
-LOSSES = ("ce", "neulite", "mse")
+STAGE_KINDS = ("grow", "distill", "neulite", "full", "width", "depth")
+LOSSES = ("ce", "neulite", "mse", "depthfl")
 
 
 class ManifestError(ValueError):
@@ -147,7 +149,13 @@ class DeviceClass:
 
 @dataclass
 class Stage:
-    """One compiled stage: the frozen prefix (inference), the trainable part (ORT training artifacts)."""
+    """One compiled stage: the frozen prefix (inference), the trainable part (ORT training artifacts).
+
+    A width stage (kind "width", `block` = d) is the whole model at 1/d of every hidden layer's width (HeteroFL's
+    sub-model; input channels and classes kept). Its arrays are slices of the global arrays with the same names:
+    `slices[name]` lists the axes that are cut, and along each such axis the sub-model holds k of the global n
+    channels, `channel_window(n, k, offset)`: the first k (offset 0, HeteroFL) or a window rolled by `offset`
+    (FedRolex). The other axes are kept whole. Every other stage's arrays are the global arrays themselves."""
 
     index: int
     name: str
@@ -167,6 +175,7 @@ class Stage:
     # memory estimate (see exporter/sizing.py)
     memory: list[MemoryPoint] = field(default_factory=list)
     sizing: list[Sizing] = field(default_factory=list)
+    slices: dict[str, list[int]] = field(default_factory=dict)  # width stages: array -> the axes cut from the global
 
     def has_backend(self, backend: str) -> bool:
         return backend == "ort" or any(k.startswith(backend + ".") for k in self.files)
@@ -204,9 +213,27 @@ class Stage:
         return [p.name for p in self.params if p.trainable or p.name in self.bn_updates.values()]
 
     def needed(self, manifest: Manifest) -> list[ParamSpec]:
-        """Every global array a device needs for this stage: the trainable part's and the inference files'."""
+        """Every global array a device needs for this stage, at the shape this stage holds it (a width stage's are
+        slices): the trainable part's and the inference files'."""
         names = {p.name for p in self.params}.union(*self.session_params.values())
-        return [p for p in manifest.global_params if p.name in names]
+        own = {p.name: p for p in self.params}
+        return [own.get(p.name, p) for p in manifest.global_params if p.name in names]
+
+    def slice_index(self, name: str, global_shape: list[int] | tuple[int, ...], offset: int = 0) -> tuple[np.ndarray, ...]:
+        """Where this stage's array `name` sits in the global one, one index array per axis (for np.ix_): the axes in
+        `slices` hold channel_window(n, k, offset), the others everything."""
+        own = next(p.shape for p in self.params if p.name == name)
+        cut = self.slices.get(name, [])
+        return tuple(channel_window(n, k, offset) if axis in cut else np.arange(n)
+                     for axis, (n, k) in enumerate(zip(global_shape, own)))
+
+    def take(self, arrays: dict[str, np.ndarray], manifest: Manifest, offset: int = 0) -> dict[str, np.ndarray]:
+        """The arrays a device of this stage receives, cut from the global `arrays` (copies where sliced)."""
+        out = {}
+        for p in self.needed(manifest):
+            a = arrays[p.name]
+            out[p.name] = a[np.ix_(*self.slice_index(p.name, a.shape, offset))] if self.slices.get(p.name) else a
+        return out
 
     def sizing_for(self, device_class: str) -> Sizing:
         for s in self.sizing:
@@ -304,8 +331,13 @@ class Manifest:
             if s.kind not in STAGE_KINDS or s.loss not in LOSSES:
                 raise ManifestError(f"stage {s.name}: unknown kind {s.kind!r} or loss {s.loss!r}")
             for p in s.params:
-                if shapes.get(p.name) != p.shape:
+                whole = shapes.get(p.name)
+                cut = s.slices.get(p.name, [])
+                if whole is None or len(whole) != len(p.shape) or any(
+                        (k > n or k < 1) if axis in cut else k != n for axis, (n, k) in enumerate(zip(whole, p.shape))):
                     raise ManifestError(f"stage {s.name}: {p.name} {p.shape} not in the global model as such")
+            if s.slices and s.kind != "width":
+                raise ManifestError(f"stage {s.name}: only width stages hold slices of the global arrays")
             for kind, names in s.session_params.items():
                 if kind not in s.files or not set(names) <= shapes.keys():
                     raise ManifestError(f"stage {s.name}: {kind} reads arrays the global model does not have")
@@ -411,6 +443,14 @@ def check_arrays(arrays: dict[str, np.ndarray], specs: list[ParamSpec], what: st
             raise ManifestError(f"{what}: {p.name} has shape {list(a.shape)}, expected {p.shape}")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise ManifestError(f"{what}: {p.name} contains NaN or Inf")
+
+
+def channel_window(n: int, k: int, offset: int = 0) -> np.ndarray:
+    """k of a layer's n channels: the first k at offset 0 (HeteroFL's static slice), else the k from `offset` on,
+    wrapping around (FedRolex's rolling window: offset = the round)."""
+    if not 0 < k <= n:
+        raise ManifestError(f"a slice of {k} channels out of {n}")
+    return (offset + np.arange(k)) % n
 
 
 def file_ref(root: Path, path: Path) -> FileRef:

@@ -17,6 +17,7 @@ import numpy as np
 from ..manifest import BACKENDS, EXECUTORCH_PIN, DeviceClass, Manifest, ParamSpec, file_ref
 from ..models.base import BlockModel
 from ..models.stages import NeuLiteWeights, StageSpec, default_stages
+from ..models.width import sliced_axes, width_model
 from . import output_module as om
 from .compile import OPSETS, OptimizerConfig, compile_stage
 from .sizing import fill_memory, fill_sizing
@@ -165,12 +166,18 @@ def _fresh_folder(tmp: Path) -> None:
 def compile_all(model: BlockModel, specs: list[StageSpec], tmp: Path, opset: int, batch_size: int,
                 safety_margin: float, device_classes: list[DeviceClass], optimizer: OptimizerConfig,
                 neulite: NeuLiteWeights, say: Callable[[str], None], backends: tuple[str, ...] = ("ort",)) -> Manifest:
-    """Every stage compiled into `tmp`, the manifest and the initial weights written (the probe reads them)."""
+    """Every stage compiled into `tmp`, the manifest and the initial weights written (the probe reads them). A width
+    stage is compiled from the sub-model (models/width.py), its arrays recorded as slices of the global ones."""
     stages, notes = [], []
+    shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
     for i, spec in enumerate(specs):
         say(f"compiling stage {i} {spec.name}")
-        stages.append(compile_stage(model, spec, i, tmp, opset, optimizer, neulite, backends=backends,
-                                    max_batch=batch_size, notes=notes))
+        source = _width_model(model, spec.block) if spec.kind == "width" else model
+        stage = compile_stage(source, spec, i, tmp, opset, optimizer, neulite, backends=backends,
+                              max_batch=batch_size, notes=notes)
+        if spec.kind == "width":
+            stage.slices = sliced_axes(shapes, {p.name: p.shape for p in stage.params})
+        stages.append(stage)
     manifest = Manifest(
         model=model.name, model_config=dict(model.config), input_shape=list(model.input_shape),
         num_classes=model.num_classes, opset=opset, batch_size=batch_size, safety_margin=safety_margin,
@@ -183,6 +190,13 @@ def compile_all(model: BlockModel, specs: list[StageSpec], tmp: Path, opset: int
     manifest.initial = file_ref(tmp, init)
     manifest.save(tmp)
     return manifest
+
+
+def _width_model(model: BlockModel, divisor: int) -> BlockModel:
+    try:
+        return width_model(model, divisor)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def check_device_classes(manifest: Manifest) -> None:

@@ -1,8 +1,10 @@
-"""Block-structured models (the zoo or your own nn.Sequential) and the stages progressive training cuts them into."""
+"""Block-structured models (the zoo or your own nn.Sequential), the stages progressive training cuts them into, and
+the width-scaled sub-models of the HeteroFL-style baselines."""
 
 from .base import DEFAULT_OUTPUT_MODULE, OUTPUT_MODULES, BlockModel, Classifier, basic_layer
 from .sequential import from_sequential
-from .stages import NeuLiteWeights, StageSpec, build_stage, default_stages, parse_stage_name
+from .stages import WIDTH_DIVISORS, NeuLiteWeights, StageSpec, build_stage, default_stages, parse_stage_name
+from .width import sliced_axes, width_model
 from .zoo import ZOO, build_model, load_model
 
 __all__ = [
@@ -12,6 +14,7 @@ __all__ = [
     "Classifier",
     "NeuLiteWeights",
     "StageSpec",
+    "WIDTH_DIVISORS",
     "ZOO",
     "basic_layer",
     "build_model",
@@ -20,4 +23,6 @@ __all__ = [
     "from_sequential",
     "load_model",
     "parse_stage_name",
+    "sliced_axes",
+    "width_model",
 ]

@@ -45,3 +45,34 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return ((student - teacher) ** 2).mean()
+
+
+STOP_GRADIENT_SCALE = 2.0 ** 30  # stop_gradient's resolution: 2^-30 (|x| must stay below 2^33)
+
+
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    """x's value (to 2^-30) as a constant of the gradient, in torch and in the exported ORT training graph alike.
+
+    torch's ONNX exporter drops detach() (ONNX has no stop-gradient), so ORT's gradient builder would differentiate
+    through a detached tensor (measured on 1.19.2: gradients off by 0.2 on a two-head KL). An integer tensor has no
+    gradient in either: torch's autograd ends at the cast to int64, and ORT's gradient builder treats a Cast to a
+    non-float type as a stop-gradient edge. The round trip x -> round-toward-zero(x * 2^30) -> / 2^30 is exact for
+    float32 values of magnitude >= 2^-6 and within 2^-30 below that; |x| must stay below 2^33 (int64 range)."""
+    return (x * STOP_GRADIENT_SCALE).to(torch.int64).to(x.dtype) / STOP_GRADIENT_SCALE
+
+
+def depthfl(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """DepthFL's local loss (Kim et al., ICLR 2023) over the k classifiers of a depth-k sub-model, shallow to deep:
+    sum_j CE(z_j, y) + 1/(k-1) sum_j sum_{i != j} KL(softmax(z_i) || softmax(z_j)), the target side of each KL a
+    constant (mutual self-distillation: every classifier learns from the others, none is pulled towards its student),
+    temperature 1, batch mean. k = 1: cross-entropy alone."""
+    loss = sum(cross_entropy(z, labels) for z in logits)
+    k = len(logits)
+    if k == 1:
+        return loss
+    targets = [stop_gradient(z) for z in logits]
+    p = [F.softmax(t, dim=1) for t in targets]
+    log_p = [F.log_softmax(t, dim=1) for t in targets]
+    log_q = [F.log_softmax(z, dim=1) for z in logits]
+    kd = sum((p[i] * (log_p[i] - log_q[j])).sum(dim=1).mean() for j in range(k) for i in range(k) if i != j)
+    return loss + kd / (k - 1)

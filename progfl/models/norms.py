@@ -7,6 +7,8 @@ primitive ops and keep torch's state_dict keys, so weights move freely between t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -39,6 +41,40 @@ class LayerNorm(nn.Module):
         mean = x.mean(dim=-1, keepdim=True)
         var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class BatchStatNorm(nn.Module):
+    """BatchNorm that always normalises by the batch's own statistics, in primitive ops, and keeps no running ones:
+    HeteroFL's static BatchNorm at inference without the statistics query (track_running_stats=False in torch). The
+    width-scaled sub-models train slices of each channel with different neighbours, so running statistics averaged
+    across them describe no model; the width stages' inference graphs normalise each evaluation batch by itself."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = bn.eps
+        self.weight, self.bias = bn.weight, bn.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalise_by_batch(x, self.weight, self.bias, self.eps)
+
+
+def normalise_by_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """BatchNorm's arithmetic with the batch's own per-channel statistics (channels on axis 1), in primitive ops."""
+    axes = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dim=axes, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight.reshape(shape) + bias.reshape(shape)
+
+
+def with_batch_statistics(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose BatchNorms normalise by batch statistics (BatchStatNorm), weights and names kept."""
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, BatchStatNorm(child))
+    return module
 
 
 def norm2d(kind: str, channels: int) -> nn.Module:

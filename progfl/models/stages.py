@@ -6,6 +6,9 @@ names (so exported ONNX initializers carry them and weights move by name):
   train      (features, ..., loss_scale) -> (loss, logits, data_loss)   the trainable part with its loss
   inference  x -> logits             the whole model as this stage sees it, eval mode (server accuracy)
   teacher    features -> logits      the real block + output module (ProFL's distillation target)
+
+A width stage is a sub-model's (models/width.py) whole-model training; the exporter builds it from the sub-model.
+A depth stage is DepthFL's depth-k sub-model: blocks 0..k-1, a classifier after each (see StageSpec).
 """
 
 from __future__ import annotations
@@ -16,15 +19,30 @@ import torch
 from torch import nn
 
 from .base import BlockModel, run_frozen
-from .losses import cross_entropy, mse, nhsic, one_hot
+from .losses import cross_entropy, depthfl, mse, nhsic, one_hot
+from .norms import normalise_by_batch, with_batch_statistics
 
-KINDS = ("grow", "distill", "neulite", "full")
+KINDS = ("grow", "distill", "neulite", "full", "width", "depth")
+WIDTH_DIVISORS = (1, 2, 4, 8)  # width-d: 1/d of every hidden width (HeteroFL's ratios 1, 1/2, 1/4, 1/8)
 
 
 @dataclass(frozen=True)
 class StageSpec:
     """kind: grow (block t + output module, CE), distill (ProFL: fit basic layer t to the real block's logits),
-    neulite (grow with the curriculum loss, co-adapting block t-1's last unit), full (everything, CE)."""
+    neulite (grow with the curriculum loss, co-adapting block t-1's last unit), full (everything, CE), width (a
+    width-scaled sub-model's whole-model training, CE; `block` is its divisor d: width-2 is half width), depth
+    (DepthFL, Kim et al. ICLR 2023: `block` is k, the number of blocks trained, 1..T).
+
+    depth-k trains blocks 0..k-1 with a classifier after each, by DepthFL's loss (losses.depthfl: CE of every
+    classifier + mutual self-distillation between them). The classifier after block j is block j's output module:
+    basics[j+1..T-1] then the shared classifier (after the last block the classifier alone, the full model's head).
+    So the classifiers share weights (basics[m] serves every block before m, the linear layer all of them), where
+    DepthFL gives each depth its own bottleneck head: the global model has no other heads, and separate per-depth
+    heads would be new global arrays that no other stage, plan or evaluation uses. Every depth stage therefore trains
+    all basic layers and the classifier. BatchNorm inside the heads normalises by batch statistics and tracks none
+    (runs_batch_statistics): a basic layer runs once per shallower head in one step, and torch would move its running
+    statistics once per call where ORT's graph moves them once from the same start (the two would disagree, and
+    neither describes one model). The blocks run once per step: their statistics are tracked as in `full`."""
 
     kind: str
     block: int
@@ -35,7 +53,8 @@ class StageSpec:
 
     @property
     def loss(self) -> str:
-        return {"grow": "ce", "full": "ce", "distill": "mse", "neulite": "neulite"}[self.kind]
+        return {"grow": "ce", "full": "ce", "width": "ce", "distill": "mse", "neulite": "neulite",
+                "depth": "depthfl"}[self.kind]
 
 
 def parse_stage_name(name: str) -> StageSpec:
@@ -43,12 +62,13 @@ def parse_stage_name(name: str) -> StageSpec:
         return StageSpec("full", 0)
     kind, _, block = name.partition("-")
     if kind not in KINDS or not block.isdigit():
-        raise ValueError(f"bad stage name {name!r}: use grow-N, distill-N, neulite-N or full")
+        raise ValueError(f"bad stage name {name!r}: use grow-N, distill-N, neulite-N, width-D, depth-K or full")
     return StageSpec(kind, int(block))
 
 
 def default_stages(num_blocks: int, kinds: tuple[str, ...] = ("grow", "distill", "full")) -> list[StageSpec]:
-    """Stages in a stable order: grow-0..T-1, distill-1..T-1, neulite-0..T-1, full (those asked for)."""
+    """Stages in a stable order: grow-0..T-1, distill-1..T-1, neulite-0..T-1, full, width-1, -2, -4, -8, depth-1..T
+    (those asked for)."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown stage kind(s) {sorted(unknown)}: choose from {', '.join(KINDS)}")
@@ -58,6 +78,10 @@ def default_stages(num_blocks: int, kinds: tuple[str, ...] = ("grow", "distill",
             continue
         if kind == "full":
             out.append(StageSpec("full", 0))
+        elif kind == "width":
+            out += [StageSpec("width", d) for d in WIDTH_DIVISORS]
+        elif kind == "depth":
+            out += [StageSpec("depth", k) for k in range(1, num_blocks + 1)]
         else:
             out += [StageSpec(kind, t) for t in range(1 if kind == "distill" else 0, num_blocks)]
     return out
@@ -95,7 +119,7 @@ class Mirror(nn.Module):
 def _prefix_split(model: BlockModel, spec: StageSpec) -> tuple[list[str], str | None]:
     """Frozen paths in front of the stage, and the unit of block t-1 that NeuLite co-adapts (if any)."""
     t = spec.block
-    if spec.kind == "full" or t == 0:
+    if spec.kind in ("full", "width", "depth") or t == 0:
         return [], None
     frozen = [f"blocks.{k}" for k in range(t - 1)]
     last = model.blocks[t - 1]
@@ -105,9 +129,23 @@ def _prefix_split(model: BlockModel, spec: StageSpec) -> tuple[list[str], str | 
     return frozen + [f"blocks.{t - 1}"], None
 
 
-def _run(model: BlockModel, paths: list[str], h: torch.Tensor) -> torch.Tensor:
+def _run(model: BlockModel, paths: list[str], h: torch.Tensor, batch_stats: tuple[str, ...] = ()) -> torch.Tensor:
+    """h through the modules at `paths`; those starting with a prefix in `batch_stats` by runs_batch_statistics."""
     for p in paths:
-        h = model.get_submodule(p)(h)
+        layer = model.get_submodule(p)
+        h = runs_batch_statistics(layer, h) if p.startswith(batch_stats) else layer(h)
+    return h
+
+
+def runs_batch_statistics(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A layer whose BatchNorms normalise by the batch's own statistics, in primitive ops, and update no running ones
+    (norms.BatchStatNorm's arithmetic on the layer's own weights: names stay global, nothing is copied). Whatever the
+    mode, so torch, ORT and the inference graphs agree. Other layers run as they are. The depth stages' heads."""
+    for mod in (layer if isinstance(layer, nn.Sequential) else [layer]):
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            h = normalise_by_batch(h, mod.weight, mod.bias, mod.eps)
+        else:
+            h = mod(h)
     return h
 
 
@@ -134,8 +172,10 @@ class TrainGraph(Mirror):
         t, T = spec.block, model.T
         self.spec = spec
         self.coadapt = _prefix_split(model, spec)[1]
-        if spec.kind == "full":
+        if spec.kind in ("full", "width"):
             self.trainable = ["blocks", "classifier"]
+        elif spec.kind == "depth":  # blocks 0..k-1 and their heads: every basic layer (block 0's head has them all)
+            self.trainable = [f"blocks.{j}" for j in range(t)] + [f"basics.{k}" for k in range(1, T)] + ["classifier"]
         elif spec.kind == "distill":
             self.trainable = [f"basics.{t}"]
         else:
@@ -162,7 +202,14 @@ class TrainGraph(Mirror):
     def forward(self, features: torch.Tensor, *rest: torch.Tensor):
         *rest, scale = rest
         m, t, kind = self.m, self.spec.block, self.spec.kind
-        if kind == "full":
+        if kind == "depth":  # a classifier after each block; logits: the deepest's
+            heads, h = [], features
+            for j in range(t):
+                h = m.blocks[j](h)
+                heads.append(m.classifier(_run(m, [f"basics.{k}" for k in range(j + 1, m.T)], h, ("basics.",))))
+            data_loss = depthfl(heads, rest[-1])
+            return data_loss * scale, heads[-1], data_loss
+        if kind in ("full", "width"):
             h = m.run_blocks(features, 0, m.T)
         elif kind == "distill":  # the frozen rest of the output module runs as in the teacher (eval-mode norms)
             h = m.basics[str(t)](features)
@@ -189,18 +236,24 @@ class TrainGraph(Mirror):
 
 
 class InferenceGraph(Mirror):
-    """x -> logits of the model as stage t sees it (the full model for the last grow stage and 'full')."""
+    """x -> logits of the model as stage t sees it (the full model for the last grow stage and 'full'). A width stage's
+    normalises by batch statistics (HeteroFL's static BatchNorm, see norms.BatchStatNorm). depth-k's is its deepest
+    classifier: blocks 0..k-1 then block k-1's head, whose BatchNorms use batch statistics as in training (depth-T's
+    is the full model's)."""
 
     def __init__(self, model: BlockModel, spec: StageSpec):
-        t = model.T - 1 if spec.kind == "full" else spec.block
+        if spec.kind == "width":
+            model = with_batch_statistics(model)
+        t = {"full": model.T - 1, "width": model.T - 1, "depth": spec.block - 1}.get(spec.kind, spec.block)
         paths = [f"blocks.{k}" for k in range(t + 1)] + [f"basics.{k}" for k in range(t + 1, model.T)]
         if spec.kind == "distill":  # the student: basic layer t in place of block t
             paths[t] = f"basics.{t}"
         super().__init__(model, paths + ["classifier"])
         self.paths = paths
+        self.batch_stats = ("basics.",) if spec.kind == "depth" else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.m.classifier(_run(self.m, self.paths, x))
+        return self.m.classifier(_run(self.m, self.paths, x, self.batch_stats))
 
 
 class TeacherGraph(Mirror):
@@ -225,8 +278,12 @@ class StageGraphs:
 
 
 def build_stage(model: BlockModel, spec: StageSpec, neulite: NeuLiteWeights | None = None) -> StageGraphs:
-    if spec.kind not in KINDS or not 0 <= spec.block < model.T or (spec.kind == "distill" and spec.block == 0):
+    blocks_ok = {"width": spec.block >= 1, "depth": 1 <= spec.block <= model.T}.get(spec.kind, 0 <= spec.block < model.T)
+    if spec.kind not in KINDS or not blocks_ok or (spec.kind == "distill" and spec.block == 0):
         raise ValueError(f"stage {spec.name} does not exist for a model of {model.T} blocks")
+    if spec.kind == "depth" and any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.classifier.modules()):
+        raise ValueError(f"stage {spec.name}: the classifier runs once per head and holds a BatchNorm, whose running "
+                         "statistics ORT and torch would move differently: use a classifier without BatchNorm")
     frozen, _ = _prefix_split(model, spec)
     return StageGraphs(
         spec=spec,

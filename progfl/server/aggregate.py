@@ -31,6 +31,7 @@ class Aggregator:
         self.accepted = 0
         self.total_samples = 0
         self.dropped: list[tuple[int | str, str]] = []
+        self.weights: dict[int | str, int] = {}  # each accepted update's weight: its samples, capped
         self._sums = {n: np.zeros(s, np.float64) for n, s in self.expected.items()}
         self._metric_sums: dict[str, float] = {}
         self._metric_weights: dict[str, float] = {}
@@ -82,6 +83,7 @@ class Aggregator:
         if max_samples is not None and w > max_samples:
             log.warning("device %s claimed %d samples, it has %d: weighted by %d", who, w, max_samples, max_samples)
             w = int(max_samples)
+        self.weights[who] = w
         for name, acc in self._sums.items():
             acc += w * _as_global(np.asarray(update.weights[name])).astype(np.float64)
         for key, value in (update.metrics or {}).items():
@@ -122,6 +124,37 @@ class Aggregator:
             "samples": self.total_samples,
             "dropped": [[who, why] for who, why in self.dropped],
         }
+
+
+class SliceAverage:
+    """HeteroFL's aggregation for sub-models: each element of a global array is the sample-weighted average of the
+    updates whose slice holds it; an element no update of the round holds keeps its value. Running sums in float64
+    over the global shapes: memory O(model), whatever the number of devices."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, np.ndarray] = {}
+        self._weights: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, shape: tuple[int, ...], index: tuple[np.ndarray, ...], value: np.ndarray,
+            weight: float) -> None:
+        """One update's slice of global array `name` (of `shape`): `value` sits at np.ix_(*index)."""
+        if name not in self._sums:
+            self._sums[name] = np.zeros(shape, np.float64)
+            self._weights[name] = np.zeros(shape, np.float64)
+        at = np.ix_(*index)
+        self._sums[name][at] += weight * _as_global(np.asarray(value)).astype(np.float64)
+        self._weights[name][at] += weight
+
+    def result(self, global_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The averaged arrays (float32), elements held by no update taken from `global_arrays`."""
+        out = {}
+        for name, sums in self._sums.items():
+            w = self._weights[name]
+            held = w > 0
+            avg = np.asarray(global_arrays[name], np.float64).copy()
+            avg[held] = sums[held] / w[held]
+            out[name] = avg.astype(np.float32)
+        return out
 
 
 def _as_global(a: np.ndarray) -> np.ndarray:

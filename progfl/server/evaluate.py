@@ -21,13 +21,14 @@ class Evaluator:
         self._files: dict[str, InferenceFile] = {}
 
     def evaluate(self, stage: str, arrays: dict[str, np.ndarray]) -> tuple[float, float]:
-        """(accuracy, mean cross-entropy) of stage's inference model with these global arrays."""
+        """(accuracy, mean cross-entropy) of stage's inference model with these global arrays (cut to the stage's
+        sub-model for a width stage: its first channels)."""
         s = self.manifest.stage(stage)
         if s.name not in self._files:
             self._files = {s.name: InferenceFile(self.folder / s.files["inference"].path,
                                                  s.session_params["inference"], self._so)}  # one resident
         f = self._files[s.name]
-        f.bind(arrays)
+        f.bind(s.take(arrays, self.manifest))
         correct, loss = 0, 0.0
         for i in range(0, len(self.x), self.batch):
             c, l_ = score(f.run({"inputs": self.x[i:i + self.batch]}), self.y[i:i + self.batch])

@@ -23,6 +23,11 @@ from ..settings import parse_settings
 from ..state import ServerState
 
 
+def task_seed(seed: int, round: int, device: int) -> int:
+    """A device-round's seed (its shuffling and dropout): fixed by the run's seed, the round and the device alone."""
+    return zlib.crc32(f"{seed}:{round}:{device}".encode())
+
+
 @dataclass
 class Phase:
     """One stretch of training on one stage.
@@ -101,7 +106,7 @@ class Plan(ABC):
 
     # ---- position in the plan (kept in ServerState.plan_state so a resumed run continues exactly) ----
     def start(self, state: ServerState) -> None:
-        state.plan_state = {"phase": 0, "rounds_in_phase": 0, "speed": {}}
+        state.plan_state = {"phase": 0, "rounds_in_phase": 0}
         self._enter_phase(state)
 
     def done(self, state: ServerState) -> bool:
@@ -162,7 +167,7 @@ class Plan(ABC):
                 micro, accum = z.micro_batch, z.accum_steps
             else:
                 micro, accum = m.batch_size, 1
-            seed = zlib.crc32(f"{self.config.seed}:{state.round + 1}:{d.id}".encode())
+            seed = task_seed(self.config.seed, state.round + 1, d.id)
             tasks.append((d, TrainTask(round=state.round + 1, stage=stage.name, manifest_sha256="", weights=weights,
                                        lr=phase.lr or self.config.lr, epochs=self.config.epochs,
                                        batch_size=m.batch_size, micro_batch=micro, accum_steps=accum, seed=seed,
@@ -184,8 +189,6 @@ class Plan(ABC):
                 agg.reject(u, d.id, far[d.id])
                 continue
             agg.add(u, d.id, max_samples=d.num_samples or None)  # 0: the server knows no count
-            if u.metrics.get("samples_per_s"):
-                state.plan_state["speed"][str(d.id)] = float(u.metrics["samples_per_s"])
         result = agg.result()
         state.arrays = Aggregator.merge(state.arrays, result)
         state.round += 1
