@@ -19,13 +19,14 @@ from .errors import DataError
 
 # Import the shards module before partition.shards: loading a submodule sets
 # the package attribute of the same name, which would hide the function.
-from .shards import read_dataset, read_shard, write_dataset, write_shards  # isort: skip
+from .shards import DeviceShards, read_dataset, read_shard, write_dataset, write_partition, write_shards  # isort: skip
 from .partition import by_group, dirichlet, held_out, iid, label_dirichlet, shards  # isort: skip
 
 __all__ = [
     "DATASETS",
     "DataError",
     "Dataset",
+    "DeviceShards",
     "animal_mnist",
     "by_group",
     "cifar10",
@@ -42,5 +43,6 @@ __all__ = [
     "read_shard",
     "shards",
     "write_dataset",
+    "write_partition",
     "write_shards",
 ]

@@ -3,6 +3,13 @@
 Every function returns a list of sorted int64 index arrays, one per device,
 pairwise disjoint. All but ``shards`` cover every sample. Randomness comes only
 from the numpy Generator passed in, so a seed reproduces a partition exactly.
+
+A sample belongs to one device at most, so with more devices than samples some
+devices get none (iid, label-dirichlet; dirichlet once it cannot keep its
+floor): a fleet larger than the data is a real set-up (most devices of a
+cross-device federation never train), and the simulation registers those
+devices but never selects them. ``shards`` refuses instead: it promises each
+device two label shards.
 """
 
 from __future__ import annotations
@@ -15,12 +22,12 @@ from .errors import DataError
 def _check(n_samples: int, n_devices: int) -> None:
     if n_devices < 1:
         raise DataError(f"n_devices must be >= 1, got {n_devices}")
-    if n_devices > n_samples:
-        raise DataError(f"cannot split {n_samples} samples across {n_devices} devices")
+    if n_samples < 1:
+        raise DataError("no samples to split")
 
 
 def iid(y: np.ndarray, n_devices: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Uniformly random, equal-size (+-1) parts: the homogeneous baseline."""
+    """Uniformly random, equal-size (+-1) parts: the homogeneous baseline (empty ones beyond one per sample)."""
     _check(len(y), n_devices)
     perm = rng.permutation(len(y))
     return [np.sort(p).astype(np.int64) for p in np.array_split(perm, n_devices)]
@@ -39,7 +46,9 @@ def dirichlet(
     For every class, device shares are drawn from Dir(alpha); devices that
     already hold more than N/n_devices samples get no more. Small alpha ->
     few classes per device. Redraws until every device has ``min_size``
-    samples; after ``max_tries`` failed draws raises DataError.
+    samples; after ``max_tries`` failed draws raises DataError. When the data
+    cannot give every device ``min_size`` (min_size x n_devices > N) there is
+    no floor: the first draw is kept, and may leave devices empty.
     """
     y = np.asarray(y)
     n = len(y)
@@ -47,7 +56,7 @@ def dirichlet(
     if alpha <= 0:
         raise DataError(f"alpha must be > 0, got {alpha}")
     if min_size * n_devices > n:
-        raise DataError(f"min_size={min_size} x {n_devices} devices exceeds {n} samples")
+        min_size = 0
     classes = np.unique(y)
     for _ in range(max_tries):
         parts: list[list[int]] = [[] for _ in range(n_devices)]
@@ -74,7 +83,8 @@ def label_dirichlet(y: np.ndarray, n_devices: int, alpha: float, rng: np.random.
     Unlike ``dirichlet`` (which splits each class across devices and lets sizes vary), every device gets
     N/n_devices samples (+-1), so a strong skew (alpha 0.1) still leaves every device real local work. Devices
     fill in random order from what is left of each class; once a class runs out, the device's remaining draws
-    follow its mix over the classes still available. Covers every sample.
+    follow its mix over the classes still available. Covers every sample; with more devices than samples the
+    last devices to fill get none.
     """
     y = np.asarray(y)
     _check(len(y), n_devices)
@@ -116,7 +126,9 @@ def shards(
     _check(len(y), n_devices)
     size = len(y) // n_shards
     if size == 0:
-        raise DataError(f"{len(y)} samples are too few for {n_shards} shards")
+        raise DataError(f"the shards partition deals {shards_per_device} label shards to every device: {len(y)} "
+                        f"samples are too few for {n_devices} devices (at most {len(y) // shards_per_device}); use "
+                        f"fewer devices or another partition")
     perm = rng.permutation(len(y))
     order = perm[np.argsort(y[perm], kind="stable")][: n_shards * size]
     pieces = order.reshape(n_shards, size)

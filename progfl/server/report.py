@@ -56,6 +56,7 @@ def summarize(history: dict[str, Any], target_accuracy: float | None = None) -> 
     seconds = [float(r.get("round_seconds") or 0.0) for r in rounds]
     fleet = {d["id"] for d in history.get("fleet", [])}
     took_part = {p for r in rounds for p in r.get("participants", [])}
+    server = [float(r["server_seconds"]) for r in rounds if r.get("server_seconds") is not None]
     device_rounds = [d for r in rounds for d in r.get("devices", [])]
     ratios = [d["peak_mb"] / d["budget_mb"] for d in device_rounds if d.get("budget_mb")]
     return {
@@ -73,6 +74,9 @@ def summarize(history: dict[str, Any], target_accuracy: float | None = None) -> 
         "over_budget_device_rounds": sum(
             bool(d.get("over_budget", d["peak_mb"] > d["budget_mb"])) for d in device_rounds),
         "stages": _stages(rounds),
+        # the server's own cost (configure, aggregate, evaluate, checkpoint; not the devices' training)
+        "server_peak_mb": history.get("server_peak_mb"),
+        "server_seconds_per_round": sum(server) / len(server) if server else None,
     }
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from progfl.manifest import Sizing, Stage, size_stage
 
 
-@dataclass
+@dataclass(slots=True)  # a fleet holds one per device: no per-instance __dict__
 class DeviceInfo:
     """What the server knows about a device; `speed` (samples/s) is refreshed with measured values.
 
@@ -35,9 +36,41 @@ class Selector(Protocol):
     ) -> list[DeviceInfo]: ...
 
 
+class StageSizer:
+    """`DeviceInfo.sizing` of one stage for a whole fleet, with a few size_stage calls instead of one per device
+    (each ~0.1 ms: 10,000 devices would cost a second per look at the fleet, several times a round).
+
+    Exact, not approximate: size_stage picks the largest micro-batch whose peak stays under budget x (1 - margin),
+    so the pick only moves up as the budget grows. Two budgets sized alike enclose budgets sized alike too; only
+    between two budgets sized differently is size_stage called, which finds every step in O(log fleet) calls. The
+    known budgets live as long as this object: one look at the fleet, so a changed manifest is never missed."""
+
+    def __init__(self, stage: Stage, batch: int, margin: float):
+        self.stage, self.batch, self.margin = stage, batch, margin
+        self._known: dict[str, tuple[list[float], list[Sizing]]] = {}  # backend -> sorted budgets, their sizing
+
+    def __call__(self, device: DeviceInfo) -> Sizing:
+        budgets, sizings = self._known.setdefault(device.backend, ([], []))
+        b = device.budget_mb
+        i = bisect_left(budgets, b)
+        if i < len(budgets) and budgets[i] == b:
+            return sizings[i]
+        if 0 < i < len(budgets) and _same_pick(sizings[i - 1], sizings[i]):
+            return replace(sizings[i], budget_mb=b)
+        z = device.sizing(self.stage, self.batch, self.margin)
+        budgets.insert(i, b)
+        sizings.insert(i, z)
+        return z
+
+
+def _same_pick(a: Sizing, b: Sizing) -> bool:
+    return (a.fits, a.micro_batch, a.accum_steps, a.peak_mb) == (b.fits, b.micro_batch, b.accum_steps, b.peak_mb)
+
+
 def eligible(devices: list[DeviceInfo], stage: Stage, batch: int, margin: float) -> list[DeviceInfo]:
     """Devices whose budget holds the stage at some micro-batch: no one is handed what it cannot run."""
-    return [d for d in devices if d.sizing(stage, batch, margin).fits]
+    sizing = StageSizer(stage, batch, margin)
+    return [d for d in devices if sizing(d).fits]
 
 
 class UniformSelector:
@@ -80,7 +113,8 @@ class SmartFreezeSelector:
     def scores(self, pool: list[DeviceInfo], stage: Stage, batch: int, margin: float) -> np.ndarray:
         """score_d of each device of an eligible pool, in pool order."""
         floor = 1e-3
-        sizing = [d.sizing(stage, batch, margin) for d in pool]
+        sizer = StageSizer(stage, batch, margin)
+        sizing = [sizer(d) for d in pool]
         head = np.array([1.0 - (z.peak_mb or 0.0) / d.budget_mb for z, d in zip(sizing, pool)])
         n = np.array([d.num_samples for d in pool], np.float64)
         share = n / n.mean() if n.mean() > 0 else np.ones(len(pool))
