@@ -57,7 +57,7 @@ def main() -> None:
 @click.option("--input-shape", default="3,32,32", show_default=True, help="C,H,W of one sample.")
 @click.option("--norm", type=click.Choice(["batch", "group"]), default="batch", show_default=True)
 @click.option("--width", type=int, default=None, help="Base width (channels; ViT: token dim). Default: the model's.")
-@click.option("--stages", default="grow,distill,full", show_default=True, help="Stage kinds: grow, distill, neulite, full.")
+@click.option("--stages", default="grow,distill,full", show_default=True, help="Stage kinds: grow, distill, neulite, full, width (the width baselines' sub-models), depth (DepthFL's depth-1..T).")
 @click.option("--opset", default=17, show_default=True, help="ONNX opset, 17..21.")
 @click.option("--batch", "batch_size", default=32, show_default=True, help="Logical batch size per step.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
@@ -150,6 +150,13 @@ def _sim_options(fn):
         click.option("--fleet", "fleet_file", type=click.Path(dir_okay=False), default=None,
                      help="JSON list of device budgets in MB (one per device) instead of ProFL's fleet."),
         click.option("--target", type=float, default=None, help="Target accuracy for rounds/time-to-target."),
+        click.option("--deadline", type=float, default=None,
+                     help="Seconds of (simulated) device time a round waits for a device: a later update is dropped "
+                          "and logged as late [default: no deadline]."),
+        click.option("--speed-spread", default=0.5, show_default=True,
+                     help="Simulated device speeds: lognormal factors with this sigma, from the seed; 0: all equal."),
+        click.option("--sample-seconds", default=0.005, show_default=True,
+                     help="Simulated seconds of one sample-epoch of the largest stage on the median device."),
         click.option("--pace", "pace", multiple=True,
                      help=f"Pace setting KEY=VALUE, repeatable: {', '.join(_pace_keys())}."),
         click.option("--option", "options", multiple=True,
@@ -211,7 +218,8 @@ def _option_keys() -> str:
 
 
 @main.command()
-@click.option("--plan", default="profl", show_default=True, help="profl, neulite, smartfreeze, fedavg, exclusive.")
+@click.option("--plan", default="profl", show_default=True,
+              help="profl, neulite, smartfreeze, fedavg, exclusive; width-scaled (export --stages width): heterofl, fedrolex, allsmall; depth-scaled (--stages depth): depthfl.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue a stopped run from its checkpoint.")
 @click.option("--engine", type=click.Choice(["progfl", "flower"]), default="progfl", show_default=True,

@@ -2,8 +2,8 @@
 
 A run in which no update is accepted (devices report that training diverged, or aggregation rejects what they send)
 keeps the previous global weights round after round: it can only waste the rest of its budget. After k
-consecutive such rounds that had devices selected (rounds where nobody could train neither count nor break the
-streak), the run stops with Diverged.
+consecutive such rounds that had devices selected (rounds where nobody could train, or every device missed the
+deadline, neither count nor break the streak), the run stops with Diverged.
 The streak is read from the round records, so a resumed run continues it exactly.
 """
 
@@ -23,6 +23,8 @@ def rejected_streak(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for record in reversed(history):
         if not (record.get("selected") or record.get("participants")):
             continue  # nobody trained: says nothing about divergence
+        if record.get("late") and not (record.get("participants") or record.get("failed")):
+            continue  # every device missed the deadline: slow devices, not a diverged model
         if len(record.get("dropped") or []) < len(record.get("participants") or []):
             break  # at least one update was accepted
         streak.append(record)

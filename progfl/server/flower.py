@@ -15,7 +15,13 @@ Run config ([tool.flwr.app.config] of progfl/flower_app/pyproject.toml, or `flwr
     artifacts, out (run folder), plan, rounds, per-round, lr, epochs, seed, pace/options (JSON strings of the
     --pace/--option keys), outlier-k, max-rejected-rounds, target, test-data (.npz from progfl.data.write_dataset;
     "" = no server-side evaluation), min-nodes, round-timeout, query-timeout, federated-eval (true/false),
-    resume (true: continue the run folder's checkpoint), sim-fleet (simulation engine only, read by the ClientApp).
+    deadline (seconds; "" = none), resume (true: continue the run folder's checkpoint), sim-fleet (simulation engine
+    only, read by the ClientApp).
+
+Deadline: the strategy waits at most `deadline` seconds of wall time (from sending) for the training replies
+(DeadlineGrid); a node that has not answered by then is late: its update, if it comes, is never pulled, and the
+round record lists it with the time waited (a lower bound of its round). round-timeout still bounds the other
+exchanges (the evaluation).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
 
 from ..device_runtime.flower import (
     arrays_to_record,
@@ -43,6 +50,7 @@ from ..device_runtime.flower import (
     task_to_content,
 )
 from ..manifest import MANIFEST_NAME, Manifest, sha256_file
+from .deadline import Late
 from .evaluate import Evaluator
 from .rounds import Round, RoundEngine, RunSettings
 from .selection import DeviceInfo
@@ -118,6 +126,61 @@ def query_nodes(grid: Grid, manifest: Manifest, timeout: float) -> dict[int, Nod
     return out
 
 
+class DeadlineGrid(Grid):
+    """A Grid that waits for training replies only until the round's deadline, and notes when each arrived.
+
+    Flower's Strategy.start waits for training and evaluation replies with one timeout; a deadline must cut only
+    the training wait. Replies are pulled every `poll` seconds (Flower's own gRPC grid pulls every 3 s, too coarse
+    for a deadline of seconds); a reply not pulled by the deadline is left on the SuperLink and never read. Every
+    other call goes to the wrapped grid unchanged."""
+
+    def __init__(self, grid: Grid, deadline: float, poll: float = 0.25):
+        self.grid, self.deadline, self.poll = grid, deadline, poll
+        self.arrived: dict[str, float] = {}  # the last training exchange: sent message id -> seconds to its reply
+        self.waited = 0.0  # how long the last training exchange waited
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        limit = self.deadline if timeout is None else min(self.deadline, timeout)
+        t0 = time.monotonic()
+        waiting = set(self.grid.push_messages(messages))
+        self.arrived, replies = {}, []
+        while waiting:
+            for r in self.grid.pull_messages(waiting):
+                if r.metadata.reply_to_message_id in waiting:
+                    waiting.discard(r.metadata.reply_to_message_id)
+                    self.arrived[r.metadata.reply_to_message_id] = time.monotonic() - t0
+                    replies.append(r)
+            left = limit - (time.monotonic() - t0)
+            if not waiting or left <= 0:
+                break
+            time.sleep(min(self.poll, left))
+        self.waited = time.monotonic() - t0
+        return replies
+
+
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> None:
     deadline = time.time() + timeout
     while len(grid.get_node_ids()) < min_nodes:
@@ -137,6 +200,7 @@ class ProgflStrategy(Strategy):
         self._round: Round | None = None
         self._sent: list[Message] = []  # this round's train messages (their ids match the replies)
         self._record: dict[str, Any] | None = None
+        self.timer: DeadlineGrid | None = None  # set by run_server under a deadline: when each reply arrived
 
     def summary(self) -> None:
         log.info("progfl plan %s, %d stages, round engine at round %d", self.engine.plan.name,
@@ -156,16 +220,16 @@ class ProgflStrategy(Strategy):
             return []
         self.nodes = query_nodes(grid, self.engine.manifest, self.cfg.query_timeout)
         rnd = self._round = self.engine.configure([n.device for n in self.nodes.values()])
-        files: dict[str, tuple[ArrayRecord, ConfigRecord]] = {}  # per backend, read once a round
+        files: dict[tuple[str, str], tuple[ArrayRecord, ConfigRecord]] = {}  # per stage and backend, read once a round
         messages = self._sent = []
         for d, task in rnd.tasks:
             task.manifest_sha256 = self.manifest_sha
             node = self.nodes[d.id]
             content = task_to_content(task)
-            if held_key(self.manifest_sha, rnd.stage) not in node.held:
-                if d.backend not in files:
-                    files[d.backend] = self._files(rnd.stage, d.backend)
-                content["files"], content["files-meta"] = files[d.backend]
+            if held_key(self.manifest_sha, task.stage) not in node.held:  # a width plan's devices train different stages
+                if (task.stage, d.backend) not in files:
+                    files[task.stage, d.backend] = self._files(task.stage, d.backend)
+                content["files"], content["files-meta"] = files[task.stage, d.backend]
             messages.append(Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
         return messages
@@ -177,36 +241,53 @@ class ProgflStrategy(Strategy):
         device_of = {self.nodes[d.id].node_id: d for d, _ in rnd.tasks}
         # a reply is matched by the message it answers (an unreachable node's error comes from the SuperLink)
         sent = {m.metadata.message_id: device_of[m.metadata.dst_node_id] for m in self._sent}
-        results, failed = [], []
+        results, failed, late = [], [], []
+        arrived = self.timer.arrived if self.timer is not None else {}
+        wall: dict[int, float] = {}
         for r in replies:
             d = sent.pop(r.metadata.reply_to_message_id, None)
             if d is None:
                 continue  # not a message of this round
-            if r.has_error():
+            seconds = arrived.get(r.metadata.reply_to_message_id)
+            if self.timer is not None and seconds is not None and seconds > self.cfg.deadline:
+                late.append(Late(d.id, seconds, d.num_samples))  # pulled just after the deadline: dropped as well
+            elif r.has_error():
                 failed.append((d.id, r.error.reason))
             else:
                 results.append((d, content_to_update(r.content)))
-        failed += [(d.id, "no reply before the round timeout") for d in sent.values()]
-        record = self._record = self.engine.aggregate(rnd, results, failed)
+                if seconds is not None:
+                    wall[d.id] = seconds
+        if self.timer is not None and self.cfg.deadline <= self.cfg.round_timeout:
+            late += [Late(d.id, self.timer.waited, d.num_samples) for d in sent.values()]
+        else:
+            failed += [(d.id, "no reply before the round timeout") for d in sent.values()]
+        record = self._record = self.engine.aggregate(rnd, results, failed, late)
         for entry in record["devices"]:
             entry["node_id"] = self.nodes[entry["id"]].node_id
-        metrics = {"participants": len(results), "failed": len(failed)}
+            if entry["id"] in wall:
+                entry["wall_seconds"] = wall[entry["id"]]  # from sending the task to pulling the reply
+        metrics = {"participants": len(record["devices"]), "failed": len(failed), "late": len(record["late"])}
         if record.get("train_loss") is not None:
             metrics["train_loss"] = float(record["train_loss"])
         return arrays_to_record(self.engine.state.arrays), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """The round's participants hold the stage's files already: they score the new global model on their own
-        held-out data."""
+        """The round's participants hold the files of the stage they trained: they score the new global model as that
+        stage sees it on their own held-out data (a width plan's device: its sub-model, the first channels)."""
         if self._record is None or not self.cfg.federated_eval:
             return []
-        stage = self.engine.manifest.stage(self._round.stage)
-        weights = {p.name: self.engine.state.arrays[p.name] for p in stage.needed(self.engine.manifest)}
-        cfg = ConfigRecord({"stage": stage.name, "manifest_sha256": self.manifest_sha})
-        return [Message(RecordDict({"arrays": arrays_to_record(weights), "config": cfg}),
-                        dst_node_id=self.nodes[d["id"]].node_id, message_type=MessageType.EVALUATE,
-                        group_id=str(server_round))
-                for d in self._record["devices"] if self.nodes[d["id"]].eval_samples > 0]
+        m, trained = self.engine.manifest, {d.id: task.stage for d, task in self._round.tasks}
+        messages = []
+        for d in self._record["devices"]:
+            if self.nodes[d["id"]].eval_samples == 0:
+                continue
+            stage = m.stage(trained[d["id"]])
+            cfg = ConfigRecord({"stage": stage.name, "manifest_sha256": self.manifest_sha})
+            messages.append(Message(RecordDict({"arrays": arrays_to_record(stage.take(self.engine.state.arrays, m)),
+                                                "config": cfg}),
+                                    dst_node_id=self.nodes[d["id"]].node_id, message_type=MessageType.EVALUATE,
+                                    group_id=str(server_round)))
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if self._record is None:
@@ -243,6 +324,8 @@ def run_server(grid: Grid, cfg: FlowerRunConfig, engine: RoundEngine) -> RoundEn
         engine.evaluator = Evaluator(cfg.artifacts, engine.manifest, test.x, test.y)
     wait_for_nodes(grid, cfg.min_nodes, cfg.query_timeout)
     strategy = ProgflStrategy(engine, cfg)
+    if cfg.deadline is not None:
+        grid = strategy.timer = DeadlineGrid(grid, cfg.deadline)
     try:
         strategy.start(grid, arrays_to_record(engine.state.arrays), num_rounds=cfg.rounds - engine.state.round,
                        timeout=cfg.round_timeout, evaluate_fn=strategy.evaluate_round)
@@ -260,4 +343,4 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, cfg, RoundEngine(cfg, resume, {"engine": "flower"}, quiet=True))
 
 
-__all__ = ["FlowerRunConfig", "Node", "ProgflStrategy", "app", "query_nodes", "record_to_arrays", "run_server"]
+__all__ = ["DeadlineGrid", "FlowerRunConfig", "Node", "ProgflStrategy", "app", "query_nodes", "record_to_arrays", "run_server"]

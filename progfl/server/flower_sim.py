@@ -64,7 +64,8 @@ def run_flower_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = Fa
                           stop_after: int | None = None) -> Path:
     """Run cfg on Flower's simulation engine: cfg.devices virtual nodes, cfg.workers Ray actors (1 CPU each).
     Writes the same run folder as progfl simulate (data/, test.npz, history.json, checkpoint/, report), plus the
-    devices' held-out shards (eval/) and the nodes' settings (flower/)."""
+    devices' held-out shards (eval/) and the nodes' settings (flower/). A deadline here is wall time, as on a
+    deployment: the simulated device speeds of progfl simulate (speed_spread, sample_seconds) do not apply."""
     import logging
 
     import ray
@@ -80,7 +81,7 @@ def run_flower_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = Fa
     fcfg = FlowerRunConfig(artifacts=str(Path(cfg.artifacts).resolve()), out=cfg.out, plan=cfg.plan, rounds=cfg.rounds,
                            per_round=cfg.per_round, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed, pace=dict(cfg.pace),
                            options=dict(cfg.options), outlier_k=cfg.outlier_k, target=cfg.target,
-                           max_rejected_rounds=cfg.max_rejected_rounds, min_nodes=cfg.devices)
+                           max_rejected_rounds=cfg.max_rejected_rounds, deadline=cfg.deadline, min_nodes=cfg.devices)
     engine = RoundEngine(fcfg, resume, {"engine": "flower", "simulation": sim_config}, quiet=quiet,
                          stop_after=stop_after)
     try:  # the engine checked the run settings and the artifacts; the simulation's own settings come next

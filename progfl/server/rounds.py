@@ -5,7 +5,8 @@ moves tasks to devices and updates back. One round, in order:
 
     rnd = engine.configure(devices)            # the plan picks devices and writes their TrainTasks
     ...the transport runs rnd.tasks on the devices...
-    record = engine.aggregate(rnd, results, failed)   # accepted updates folded into the global arrays
+    record = engine.aggregate(rnd, results, failed, late)   # accepted updates folded into the global arrays;
+                                                            # those over RunSettings.deadline dropped as late
     ...(Flower: the devices evaluate the new model on their held-out data and add it to the record)...
     engine.commit(record)                      # server-side evaluation, history.json, checkpoint; stops on divergence
 
@@ -30,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from ..device_runtime.memory import peak_mb, rss_mb
 from ..manifest import Manifest, TrainTask, TrainUpdate, write_atomic
+from .deadline import Late, check_deadline, split_late
 from .divergence import check_divergence
 from .evaluate import Evaluator
 from .pace import PaceConfig
@@ -59,6 +62,7 @@ class RunSettings:
     outlier_k: float = 10.0  # drop an update farther than k x the round's median distance (0: never)
     max_rejected_rounds: int = 3  # stop (Diverged) after this many rounds in a row with no update accepted; 0: never
     target: float | None = None  # accuracy for rounds/time-to-target in the report
+    deadline: float | None = None  # seconds of device time a round waits for an update; later ones are dropped
 
     def check(self) -> tuple[Manifest, Plan]:
         """Every setting and the artifacts, before any work; pace and options come back typed. Returns the
@@ -67,6 +71,7 @@ class RunSettings:
             raise ValueError("per-round, rounds and epochs must be >= 1")
         if not (np.isfinite(self.lr) and self.lr > 0) or self.max_rejected_rounds < 0 or not self.outlier_k >= 0:
             raise ValueError("lr must be > 0, max-rejected-rounds >= 0 and outlier-k >= 0")
+        check_deadline(self.deadline)
         pace = parse_settings(PaceConfig, self.pace, "--pace")
         manifest = Manifest.load(self.artifacts)
         manifest.verify_files(self.artifacts)
@@ -86,6 +91,9 @@ class Round:
     eligible: int
     tasks: list[tuple[DeviceInfo, TrainTask]]
     started: float
+    # the server's own work on this round so far (configure; a transport adds its part, e.g. writing shards), so
+    # the record's `server_seconds` tells what the server costs apart from waiting for devices
+    server_seconds: float = 0.0
 
 
 RUN_MARKER = "run.json"  # a run folder's settings, written before anything else
@@ -119,7 +127,10 @@ class RoundEngine:
         if not (self.run / RUN_MARKER).exists():
             write_atomic(self.run / RUN_MARKER, json.dumps(self.config, indent=1).encode())
         self.evaluator: Evaluator | None = None
-        self.fleet: dict[int, dict[str, Any]] = {}
+        # every device seen: id -> (budget_mb, baseline_mb). A fleet of 10,000 is 10,000 of these, so the engine keeps
+        # tuples and history.json's "fleet" text is encoded again only when the fleet changed (_fleet_json None)
+        self.fleet: dict[int, tuple[float, float]] = {}
+        self._fleet_json: str | None = None
         self.state = self._open_state()
 
     def _check_marker(self) -> None:
@@ -149,7 +160,8 @@ class RoundEngine:
                                  f"resume with the same ones")
             self.plan.restore(state)
             try:
-                self.fleet = {d["id"]: d for d in json.loads((self.run / "history.json").read_text())["fleet"]}
+                self.fleet = {d["id"]: (d["budget_mb"], d["baseline_mb"])
+                              for d in json.loads((self.run / "history.json").read_text())["fleet"]}
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # history.json is rewritten after the next round; the fleet is seen again then
             return state
@@ -179,36 +191,55 @@ class RoundEngine:
     def configure(self, devices: list[DeviceInfo]) -> Round:
         """This round's (device, task) pairs, chosen by the plan among the devices known now (in id order: on Flower
         the nodes answer in any order, and the choice must not depend on it)."""
+        began = time.perf_counter()
         devices = sorted(devices, key=lambda d: d.id)
         for d in devices:
-            self.fleet[d.id] = {"id": d.id, "budget_mb": d.budget_mb, "baseline_mb": d.baseline_mb,
-                                "memory_mb": round(d.budget_mb + d.baseline_mb, 1)}  # budget was rounded to 0.1
+            seen = (d.budget_mb, d.baseline_mb)
+            if self.fleet.get(d.id) != seen:
+                self.fleet[d.id], self._fleet_json = seen, None
         started = time.perf_counter()
         rng = restore_rng(self.state.rng)
         eligible = len(self.plan.candidates(devices, self.state))
         tasks = self.plan.configure_train(self.state, devices, rng)
         self.state.rng = rng.bit_generator.state
-        return Round(self.state.round + 1, self.plan.stage(self.state).name, eligible, tasks, started)
+        return Round(self.state.round + 1, self.plan.stage(self.state).name, eligible, tasks, started,
+                     time.perf_counter() - began)
 
     def aggregate(self, rnd: Round, results: list[tuple[DeviceInfo, TrainUpdate]],
-                  failed: list[tuple[int, str]]) -> dict[str, Any]:
-        """Fold the round's updates into the global arrays; the record of the round (not yet written)."""
+                  failed: list[tuple[int, str]], late: list[Late] | None = None) -> dict[str, Any]:
+        """Fold the round's updates into the global arrays; the record of the round (not yet written). Under a
+        deadline, a result whose device time (metrics `seconds`) is over it joins `late` (devices the transport
+        stopped waiting for): none of them is aggregated, each is logged and listed in the record."""
+        began = time.perf_counter()
         results = sorted(results, key=lambda r: r[0].id)  # records must not depend on the order replies arrived in
         failed = sorted(failed)
+        late = list(late or [])
+        deadline = self.settings.deadline
+        if deadline is not None:
+            results, over = split_late(results, deadline)
+            late = sorted(late + over, key=lambda x: x.id)
         for device, reason in failed:
             log.warning("device %s failed round %d (stage %s): %s", device, rnd.number, rnd.stage, reason)
+        for x in late:
+            log.warning("device %s missed the %g s deadline of round %d (stage %s): %.1f s, its update is dropped",
+                        x.id, deadline, rnd.number, rnd.stage, x.seconds)
         record = self.plan.aggregate_train(self.state, results)
         record["eligible"] = rnd.eligible
         record["selected"] = [d.id for d, _ in rnd.tasks]
         record["failed"] = [[d, reason] for d, reason in failed]
         record["devices"] = [_device_record(d, u) for d, u in results]
-        record["round_seconds"] = max((u.metrics.get("seconds", 0.0) for _, u in results), default=0.0)
+        record["late"] = [asdict(x) for x in late]
+        # the server waits for its slowest on-time device, or until the deadline once a device is late
+        record["round_seconds"] = deadline if late else max((u.metrics.get("seconds", 0.0) for _, u in results),
+                                                             default=0.0)
         record["started"] = rnd.started
+        record["server_seconds"] = rnd.server_seconds + time.perf_counter() - began  # commit adds the rest
         return record
 
     def commit(self, record: dict[str, Any]) -> None:
         """Score the global model, then write history.json and the checkpoint. Raises Diverged once no update of
         the last rounds was accepted, Stopped after `stop_after` rounds."""
+        began = time.perf_counter()
         if self.evaluator is not None:
             record["accuracy"], record["test_loss"] = self.evaluator.evaluate(record["stage"], self.state.arrays)
         else:
@@ -217,6 +248,12 @@ class RoundEngine:
         self.state.history.append(record)
         with interrupts_deferred():  # Ctrl-C lands after a whole checkpoint, never inside one
             save_state(self.state, self.run)
+            # evaluation and checkpoint included: history.json has the whole; the checkpoint's copy of this record
+            # gets it with the next round's checkpoint
+            record["server_seconds"] = record.get("server_seconds", 0.0) + time.perf_counter() - began
+            # this process's (device processes are apart): its peak so far, which start-up may have set, and what it
+            # holds now, which shows whether the server grows round after round
+            record["server_peak_mb"], record["server_rss_mb"] = round(peak_mb(), 1), round(rss_mb(), 1)
             self.write_history()
         if not self.quiet:
             _progress(self.state.round, self.settings.rounds, record)
@@ -231,11 +268,19 @@ class RoundEngine:
             raise Stopped(f"stopped after round {self.state.round}")
 
     def write_history(self) -> None:
+        """history.json, rewritten whole every round. `server_peak_mb`: the server process's peak RSS so far (the
+        largest of this process's and any earlier one's, for a resumed run)."""
         last = self.state.history[-1]
-        doc = {"plan": self.plan.name, "config": self.config, "fleet": [self.fleet[i] for i in sorted(self.fleet)],
-               "rounds": self.state.history,
+        if self._fleet_json is None:  # one device a line
+            lines = (json.dumps(_fleet_entry(i, *self.fleet[i])) for i in sorted(self.fleet))
+            self._fleet_json = "[\n" + ",\n".join(lines) + "\n]"
+        peaks = [r["server_peak_mb"] for r in self.state.history if r.get("server_peak_mb") is not None]
+        doc = {"plan": self.plan.name, "config": self.config, "server_peak_mb": round(max([peak_mb(), *peaks]), 1),
+               "fleet": self._fleet_json, "rounds": self.state.history,
                "final": {"accuracy": last["accuracy"], "rounds": self.state.round, "stage": last["stage"]}}
-        write_atomic(self.run / "history.json", json.dumps(doc, indent=1, default=float).encode())
+        text = ",\n".join(f"{json.dumps(k)}: {v if k == 'fleet' else json.dumps(v, indent=1, default=float)}"
+                          for k, v in doc.items())
+        write_atomic(self.run / "history.json", ("{\n" + text + "\n}").encode())
 
     def report(self, quietly: bool = False) -> Path | None:
         """report.md and plots of the rounds written so far. quietly: for a run that stops with an error, where the
@@ -246,7 +291,9 @@ class RoundEngine:
         if not self.state.history:
             return None
         try:
-            return write_report([self.run], self.run, self.settings.target)
+            path = write_report([self.run], self.run, self.settings.target)
+            self.write_history()  # once more: its server_peak_mb now covers the report too
+            return path
         except Exception as e:  # noqa: BLE001
             if not quietly:
                 raise
@@ -258,14 +305,22 @@ class RoundEngine:
             sys.stderr.write("\n")
 
 
+def _fleet_entry(device: int, budget_mb: float, baseline_mb: float) -> dict[str, Any]:
+    """A device's line of history.json's fleet: memory_mb is what the node has (budget was rounded to 0.1)."""
+    return {"id": device, "budget_mb": budget_mb, "baseline_mb": baseline_mb,
+            "memory_mb": round(budget_mb + baseline_mb, 1)}
+
+
 def _device_record(d: DeviceInfo, u: TrainUpdate) -> dict[str, Any]:
     """A device's line of the round record; `samples` is the weight aggregation gave it (a claim above the count the
     server registered is capped, and kept as `claimed_samples`)."""
     peak = u.metrics.get("peak_mb")
     samples = min(u.num_samples, d.num_samples) if d.num_samples > 0 else u.num_samples
     extra = {"claimed_samples": u.num_samples} if samples != u.num_samples else {}
+    # progfl simulate: `seconds` is the simulated device time, this the compute time measured on this machine
+    measured = {"measured_seconds": u.metrics["measured_seconds"]} if "measured_seconds" in u.metrics else {}
     return {"id": d.id, "budget_mb": d.budget_mb, "baseline_mb": d.baseline_mb, "peak_mb": peak,
-            "seconds": u.metrics.get("seconds"), "samples": samples, **extra,
+            "seconds": u.metrics.get("seconds"), "samples": samples, **extra, **measured,
             "over_budget": bool(peak is not None and peak > d.budget_mb),
             "torch_imported": bool(u.metrics.get("torch_imported"))}
 
