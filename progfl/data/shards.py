@@ -63,6 +63,13 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
 
 
+def _index(dataset: Dataset, counts: list[int], hists: list[list[int]], **extra: object) -> dict[str, object]:
+    """index.json: the data set, and each device's sample count and label histogram (what the server selects by)."""
+    return {"dataset": dataset.name, "num_classes": dataset.num_classes, "num_devices": len(counts),
+            "input_shape": list(dataset.x.shape[1:]), "mean": dataset.mean.tolist(), "std": dataset.std.tolist(),
+            **extra, "counts": counts, "label_histograms": hists}
+
+
 def write_shards(dataset: Dataset, parts: list[np.ndarray], out_dir: str | Path) -> list[Path]:
     """Write ``device_0000.npz``... (x float32, y int64) and ``index.json``.
 
@@ -80,17 +87,7 @@ def write_shards(dataset: Dataset, parts: list[np.ndarray], out_dir: str | Path)
             y = dataset.y[p].astype(np.int64)
             np.savez(tmp / _shard_name(i), x=dataset.x[p].astype(np.float32, copy=False), y=y)
             hists.append(np.bincount(y, minlength=dataset.num_classes).tolist())
-        index = {
-            "dataset": dataset.name,
-            "num_classes": dataset.num_classes,
-            "num_devices": len(parts),
-            "input_shape": list(dataset.x.shape[1:]),
-            "mean": dataset.mean.tolist(),
-            "std": dataset.std.tolist(),
-            "files": [_shard_name(i) for i in range(len(parts))],
-            "counts": [int(len(p)) for p in parts],
-            "label_histograms": hists,
-        }
+        index = _index(dataset, [int(len(p)) for p in parts], hists, files=[_shard_name(i) for i in range(len(parts))])
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
         _move_into_place(tmp, out)
     except BaseException:
@@ -124,17 +121,7 @@ def write_partition(dataset: Dataset, parts: list[np.ndarray], out_dir: str | Pa
         np.save(tmp / SAMPLES_FILE, dataset.x.astype(np.float32, copy=False))
         np.save(tmp / LABELS_FILE, y)
         np.savez(tmp / PARTITION_FILE, order=order, offsets=offsets)
-        index = {
-            "dataset": dataset.name,
-            "num_classes": dataset.num_classes,
-            "num_devices": len(parts),
-            "input_shape": list(dataset.x.shape[1:]),
-            "mean": dataset.mean.tolist(),
-            "std": dataset.std.tolist(),
-            "lazy": True,  # device_XXXX.npz appear as devices are first selected
-            "counts": counts.tolist(),
-            "label_histograms": hists.tolist(),
-        }
+        index = _index(dataset, counts.tolist(), hists.tolist(), lazy=True)  # device_XXXX.npz appear when selected
         (tmp / INDEX_FILE).write_text(json.dumps(index, separators=(",", ":")))
         _move_into_place(tmp, out)
     except BaseException:
