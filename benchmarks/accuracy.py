@@ -8,6 +8,9 @@ of devices that took part, the highest peak/budget of any device-round. Per (dat
 spread (min..max) over the seeds. Extras: SmartFreeze's selector against uniform sampling among eligible devices
 (`--selector`), and NeuLite's l1/l2 (`--neulite-sweep`: three values each, one export per value).
 
+The width-scaled baselines (HeteroFL, FedRolex, AllSmall) train sub-models of the same export on the same fleet; the
+table ends with the target check: on each Dirichlet split, the best progressive plan against the best of them.
+
 Results (benchmarks/out/accuracy.{json,md}) are rewritten after every run from every finished run in the output
 folder, so a stopped grid keeps what it did and several invocations (other cells, more seeds) add up; `--resume`
 keeps runs whose history is complete instead of running them again.
@@ -29,14 +32,17 @@ from progfl.manifest import Manifest, ManifestError, write_atomic
 from progfl.server.report import load_history, summarize
 from progfl.server.simulation import SimConfig, run_simulation
 
-PLANS = ("profl", "smartfreeze", "neulite", "exclusive", "fedavg")
+PLANS = ("profl", "smartfreeze", "neulite", "heterofl", "fedrolex", "allsmall", "exclusive", "fedavg")
 PROGRESSIVE = ("profl", "smartfreeze", "neulite")
+WIDTH = ("heterofl", "fedrolex", "allsmall")  # the width-scaled baselines
+TARGET_GAP = 0.05  # the best progressive plan's mean final accuracy over the best width baseline's, Dirichlet splits
 PACE = {"window": 3, "slope_window": 3, "min_rounds": 5, "max_rounds": 30}
 L_VALUES = (0.0, 0.1, 0.3)  # the NeuLite sweep: each of l1, l2 over these with the other at its default 0.1
 
 
 def artifacts(out: Path, width: int, l1: float = 0.1, l2: float = 0.1) -> Path:
-    """A ResNet-18 for 28x28 grey images (every stage kind; NeuLite's weights l1, l2), exported once and reused."""
+    """A ResNet-18 for 28x28 grey images (every stage kind, the width baselines' sub-models too; NeuLite's weights
+    l1, l2), exported once and reused."""
     folder = out / f"accuracy-artifacts-w{width}" if (l1, l2) == (0.1, 0.1) else out / f"accuracy-artifacts-w{width}-l{l1}-{l2}"
     try:
         Manifest.load(folder).verify_files(folder)
@@ -52,7 +58,7 @@ def artifacts(out: Path, width: int, l1: float = 0.1, l2: float = 0.1) -> Path:
 
     torch.manual_seed(0)
     model = build_model("resnet18", 10, (1, 28, 28), width=width)
-    kinds = ("grow", "distill", "neulite", "full") if (l1, l2) == (0.1, 0.1) else ("neulite", "full")
+    kinds = ("grow", "distill", "neulite", "full", "width") if (l1, l2) == (0.1, 0.1) else ("neulite", "full")
     export_model(model, folder, [DeviceClass("bench", 1 << 20)], kinds=kinds, batch_size=32,  # simulated: ORT only
                  neulite=NeuLiteWeights(l1, l2), measure_batches=[1, 8, 32], progress=print, backends=("ort",))
     return folder
@@ -174,7 +180,27 @@ def write_results(out: Path, a, results: list[dict]) -> None:
         lines.append(f"| {r['dataset']} | {r['partition']} | {r['plan']} | {r['seeds']} | {r['final']} | {r['best']} | "
                      f"{r['rounds_to_target']} | {r['device_s_to_target']} | {r['took_part']} | "
                      f"{r['max_peak_ratio']:.2f} | {r['over_budget']} |")
+    lines += ["", *target_lines(rows)]
     write_atomic(out / "accuracy.md", ("\n".join(lines) + "\n").encode())
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """Per Dirichlet cell: the best progressive plan against the best width-scaled baseline (mean final accuracy over
+    the seeds), and whether the gap reaches TARGET_GAP."""
+    out = [f"Target: on the Dirichlet splits the best progressive plan beats the best width-scaled baseline by "
+           f">= {TARGET_GAP * 100:.0f} points (mean final accuracy over seeds).", "",
+           "| dataset | partition | best progressive | best width baseline | gap (points) | met |", "|---|---|---|---|---|---|"]
+    cells = {(r["dataset"], r["partition"]) for r in rows if r["partition"].startswith("dir")}
+    for dataset, part in sorted(cells):
+        here = [r for r in rows if (r["dataset"], r["partition"]) == (dataset, part)]
+        prog = max((r for r in here if r["plan"] in PROGRESSIVE), key=lambda r: r["final_mean"], default=None)
+        width = max((r for r in here if r["plan"] in WIDTH), key=lambda r: r["final_mean"], default=None)
+        if prog is None or width is None:
+            continue
+        gap = prog["final_mean"] - width["final_mean"]
+        out.append(f"| {dataset} | {part} | {prog['plan']} {prog['final_mean']:.3f} | {width['plan']} "
+                   f"{width['final_mean']:.3f} | {gap * 100:+.1f} | {'yes' if gap >= TARGET_GAP else 'no'} |")
+    return out
 
 
 if __name__ == "__main__":
