@@ -32,23 +32,28 @@ from progfl.manifest import Manifest, ManifestError, write_atomic
 from progfl.server.report import load_history, summarize
 from progfl.server.simulation import SimConfig, run_simulation
 
-PLANS = ("profl", "smartfreeze", "neulite", "heterofl", "fedrolex", "allsmall", "exclusive", "fedavg")
+PLANS = ("profl", "smartfreeze", "neulite", "heterofl", "fedrolex", "allsmall", "depthfl", "exclusive", "fedavg")
 PROGRESSIVE = ("profl", "smartfreeze", "neulite")
-WIDTH = ("heterofl", "fedrolex", "allsmall")  # the width-scaled baselines
+WIDTH = ("heterofl", "fedrolex", "allsmall")  # the width-scaled baselines (depthfl: the depth-scaled one)
+KINDS = ("grow", "distill", "neulite", "full", "width", "depth")  # the main export: every plan's stages
 TARGET_GAP = 0.05  # the best progressive plan's mean final accuracy over the best width baseline's, Dirichlet splits
 PACE = {"window": 3, "slope_window": 3, "min_rounds": 5, "max_rounds": 30}
 L_VALUES = (0.0, 0.1, 0.3)  # the NeuLite sweep: each of l1, l2 over these with the other at its default 0.1
 
 
 def artifacts(out: Path, width: int, l1: float = 0.1, l2: float = 0.1) -> Path:
-    """A ResNet-18 for 28x28 grey images (every stage kind, the width baselines' sub-models too; NeuLite's weights
-    l1, l2), exported once and reused."""
+    """A ResNet-18 for 28x28 grey images (every stage kind, the width and depth baselines' sub-models too; NeuLite's
+    weights l1, l2), exported once and reused; exported again when it lacks a stage kind asked for now."""
     folder = out / f"accuracy-artifacts-w{width}" if (l1, l2) == (0.1, 0.1) else out / f"accuracy-artifacts-w{width}-l{l1}-{l2}"
+    kinds = KINDS if (l1, l2) == (0.1, 0.1) else ("neulite", "full")
     try:
-        Manifest.load(folder).verify_files(folder)
-        return folder
+        manifest = Manifest.load(folder)
+        manifest.verify_files(folder)
+        if set(kinds) <= {s.kind for s in manifest.stages}:
+            return folder
     except ManifestError:
-        shutil.rmtree(folder, ignore_errors=True)
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
     # torch only in here: device processes re-import this script, and torch at the top would sit in their RSS
     import torch
 
@@ -58,7 +63,6 @@ def artifacts(out: Path, width: int, l1: float = 0.1, l2: float = 0.1) -> Path:
 
     torch.manual_seed(0)
     model = build_model("resnet18", 10, (1, 28, 28), width=width)
-    kinds = ("grow", "distill", "neulite", "full", "width") if (l1, l2) == (0.1, 0.1) else ("neulite", "full")
     export_model(model, folder, [DeviceClass("bench", 1 << 20)], kinds=kinds, batch_size=32,  # simulated: ORT only
                  neulite=NeuLiteWeights(l1, l2), measure_batches=[1, 8, 32], progress=print, backends=("ort",))
     return folder
@@ -80,10 +84,24 @@ def run_cell(a, art: Path, dataset: str, part: str, seed: int, plan: str, tag: s
         shutil.rmtree(folder, ignore_errors=True)
         cfg = SimConfig(plan=plan, artifacts=str(art), out=str(folder), dataset=dataset, devices=a.devices,
                         per_round=a.per_round, rounds=a.rounds, epochs=a.epochs, lr=a.lr, seed=seed,
-                        workers=os.cpu_count() or 2, target=a.target, pace=PACE, options=options, **partition(part))
+                        workers=os.cpu_count() or 2, target=a.target, pace=PACE, options=options,
+                        fleet=cell_fleet(a, art, dataset, part, seed), **partition(part))
         run_simulation(cfg, quiet=True)
     cell = {"dataset": dataset, "partition": part, "seed": seed, "plan": tag}
     write_atomic(folder / "cell.json", json.dumps(cell).encode())
+
+
+def cell_fleet(a, art: Path, dataset: str, part: str, seed: int) -> list[float]:
+    """The budgets of a (dataset, partition, seed) cell: ProFL's fleet shape drawn from the export's peaks the first
+    time (as `progfl simulate` draws it), then kept in out/accuracy-fleets, so every plan of the cell trains on the
+    same fleet, in later invocations and after a re-export (whose peaks differ by measurement noise) too."""
+    path = Path(a.out) / "accuracy-fleets" / f"{dataset}-{part}-s{seed}.json"
+    if path.exists():
+        return [float(b) for b in json.loads(path.read_text())]
+    budgets = SimConfig(artifacts=str(art), out="", devices=a.devices, seed=seed).budgets(Manifest.load(art))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(budgets).encode())
+    return budgets
 
 
 def collect(out: Path, target: float) -> list[dict]:

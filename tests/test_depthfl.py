@@ -242,6 +242,22 @@ def test_plan_gives_each_device_its_deepest_stage_and_averages_over_those_that_t
         assert all(name in u.weights for _, u in results for name in ("classifier.fc.weight", "basics.1.0.weight"))
 
 
+def test_the_server_evaluates_the_deepest_classifier_the_fleet_trains(exported):
+    """Blocks nobody holds never train: the evaluated classifier is the deepest the largest device holds, chosen at
+    the first round and kept when a larger device appears later."""
+    _, folder, exported_manifest = exported
+    m = plan_manifest(exported_manifest)
+    plan = make_plan("depthfl", m, PlanConfig(rounds=3, per_round=10))
+    state = ServerState(round=0, plan=plan.name, plan_state={}, arrays=m.initial_weights(folder), pace={},
+                        rng=np.random.default_rng(0).bit_generator.state, config={})
+    plan.start(state)
+    small = [DeviceInfo(0, 25.0, 10, np.ones(10)), DeviceInfo(1, 15.0, 10, np.ones(10))]
+    tasks = plan.configure_train(state, small, np.random.default_rng(0)) if plan.candidates(small, state) else []
+    assert plan.stage(state).name == "depth-2" and {t.stage for _, t in tasks} == {"depth-2", "depth-1"}
+    plan.candidates([*small, DeviceInfo(2, 40.0, 10, np.ones(10))], state)
+    assert plan.stage(state).name == "depth-2"
+
+
 def test_plan_needs_the_full_depth_stage(exported):
     _, _, manifest = exported
     cut = dataclasses.replace(manifest, stages=[s for s in manifest.stages if s.name != f"depth-{len(manifest.stages) - 1}"])
