@@ -8,8 +8,9 @@ of devices that took part, the highest peak/budget of any device-round. Per (dat
 spread (min..max) over the seeds. Extras: SmartFreeze's selector against uniform sampling among eligible devices
 (`--selector`), and NeuLite's l1/l2 (`--neulite-sweep`: three values each, one export per value).
 
-The width-scaled baselines (HeteroFL, FedRolex, AllSmall) train sub-models of the same export on the same fleet; the
-table ends with the target check: on each Dirichlet split, the best progressive plan against the best of them.
+The width-scaled baselines (HeteroFL, FedRolex, AllSmall) and the depth-scaled one (DepthFL) train sub-models of the
+same export on the same fleet (each cell's budgets are kept in out/accuracy-fleets); the table ends with the target
+check: on each Dirichlet split, the best progressive plan against the best width-scaled one.
 
 Results (benchmarks/out/accuracy.{json,md}) are rewritten after every run from every finished run in the output
 folder, so a stopped grid keeps what it did and several invocations (other cells, more seeds) add up; `--resume`
