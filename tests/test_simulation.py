@@ -139,6 +139,24 @@ def test_divergence_stops_the_run_with_exit_code_2(artifacts, tmp_path):
     assert load_state(out).round == 3
 
 
+def test_resume_in_the_middle_of_an_em_window_continues_it(artifacts, tmp_path):
+    """SmartFreeze freezes by effective movement: stopped after round 3 of a 2-round window, the resumed run's EM
+    values, freezes and weights are the straight run's (a resume that started the window again would differ)."""
+    cfg = dict(plan="smartfreeze", rounds=6, pace={"window": 2, "slope_window": 2, "min_rounds": 2, "max_rounds": 3})
+    whole = run_simulation(config(artifacts, tmp_path / "whole", **cfg), quiet=True)
+    with pytest.raises(Stopped):
+        run_simulation(config(artifacts, tmp_path / "split", **cfg), quiet=True, stop_after=3)
+    resumed = run_simulation(config(artifacts, tmp_path / "split", **cfg), resume=True, quiet=True)
+    ha = json.loads((whole / "history.json").read_text())["rounds"]
+    hb = json.loads((resumed / "history.json").read_text())["rounds"]
+    assert [r["em"] for r in ha][2:] == [r["em"] for r in hb][2:] and any(r["em"] is not None for r in ha[3:])
+    assert [(r["stage"], r["froze"]) for r in ha] == [(r["stage"], r["froze"]) for r in hb]
+    assert len({r["stage"] for r in ha}) > 1, "the run must move past its first stage"
+    a, b = load_state(whole), load_state(resumed)
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+
+
 def test_compare_runs_every_plan_when_one_diverges(artifacts, tmp_path):
     """fedavg at lr 1e30 diverges; compare still runs exclusive after it, tables both, and exits 2 naming fedavg."""
     from click.testing import CliRunner
