@@ -93,6 +93,11 @@ def export(model_name, out, num_classes, input_shape, norm, width, stages, opset
     from .models import NeuLiteWeights, load_model
 
     check_output_folder(Path(out))  # before the model is built: fail fast on the cheapest mistake
+    if num_classes < 1 or (width is not None and width < 1):
+        raise ValueError(f"--num-classes and --width must be >= 1, got {num_classes} and {width}")
+    for name, value in (("--weight-decay", weight_decay), ("--neulite-l1", neulite_l1), ("--neulite-l2", neulite_l2)):
+        if not 0 <= value < float("inf"):  # NaN fails too
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     classes = load_device_classes(devices)
     check_backends(tuple(b.strip() for b in backends.split(",") if b.strip()), classes,
                    OptimizerConfig(optimizer, momentum, weight_decay))
@@ -255,9 +260,13 @@ def compare(plans, out, **kw) -> None:
     from .server.simulation import run_simulation
 
     names = [p.strip() for p in plans.split(",") if p.strip()]
+    if not names:
+        raise ValueError(f"--plans names no plan, got {plans!r}")
     configs = [_sim_config(p, str(Path(out) / p), kw) for p in names]
-    for cfg in configs:  # every setting of every plan checked before any run
+    for cfg in configs:  # every setting of every plan, and every run folder, checked before any run
         cfg.check()
+        if Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
+            raise ValueError(f"{cfg.out}: run folder exists and is not empty (compare starts every plan afresh)")
     runs, diverged = [], []
     for name, cfg in zip(names, configs):
         try:
@@ -355,6 +364,8 @@ def device_train(artifacts, stage, data_path, budget_mb, weights, lr, epochs, se
     from .device_runtime.shard import Shard, open_npz
     from .manifest import TrainTask, write_atomic
 
+    if not lr > 0:  # NaN fails too
+        raise ValueError(f"--lr must be > 0, got {lr}")
     shard = Shard(data_path, scratch=cache_dir)
     dev = Device(artifacts, shard, budget_mb, RuntimeOptions(threads=threads), cache_dir, backend)
     s = dev.manifest.stage(stage)
@@ -404,8 +415,8 @@ def device_profile(artifacts, batches, steps, threads, only, out, backend) -> No
     backend = resolve_backend(backend, manifest)
     manifest.verify_files(artifacts, backend=backend)
     sizes = _ints(batches, "--batches")
-    if not sizes or min(sizes) < 1 or steps < 1:
-        raise click.BadParameter("--batches must be positive integers and --steps >= 1")
+    if steps < 1:  # a ValueError, not click's usage error: one line, like every other user mistake
+        raise ValueError(f"--steps must be >= 1, got {steps}")
     stages = [manifest.stage(n.strip()) for n in only.split(",")] if only else manifest.stages
     stages = [s for s in stages if s.has_backend(backend)]  # executorch: the stages it can train
     rows = []
