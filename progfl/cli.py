@@ -257,6 +257,7 @@ def compare(plans, out, **kw) -> None:
 
     from .server.divergence import Diverged
     from .server.report import compare_table, load_history, write_report
+    from .server.rounds import check_new_run_folder
     from .server.simulation import run_simulation
 
     names = [p.strip() for p in plans.split(",") if p.strip()]
@@ -265,8 +266,7 @@ def compare(plans, out, **kw) -> None:
     configs = [_sim_config(p, str(Path(out) / p), kw) for p in names]
     for cfg in configs:  # every setting of every plan, and every run folder, checked before any run
         cfg.check()
-        if Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()):
-            raise ValueError(f"{cfg.out}: run folder exists and is not empty (compare starts every plan afresh)")
+        check_new_run_folder(Path(cfg.out))
     runs, diverged = [], []
     for name, cfg in zip(names, configs):
         try:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from progfl.device_runtime.ort_backend import OrtStage
-from progfl.device_runtime.shard import Shard
 from progfl.device_runtime.trainer import train_round
 from progfl.exporter import export_model
 from progfl.exporter.eager import EagerStage
@@ -138,16 +137,6 @@ def exported(tmp_path_factory):
     return net, folder, manifest
 
 
-@pytest.fixture
-def shard(tmp_path):
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "shard.npz", x=rng.standard_normal((48, *SHAPE)).astype(np.float32),
-             y=rng.integers(0, 10, 48).astype(np.int64))
-    with Shard(tmp_path / "shard.npz") as s:
-        s.validate(list(SHAPE), 10)
-        yield s
-
-
 def task(manifest: Manifest, arrays: dict[str, np.ndarray], stage: str) -> TrainTask:
     return TrainTask(round=1, stage=stage, manifest_sha256="", weights=manifest.stage(stage).take(arrays, manifest),
                      lr=0.05, epochs=2, batch_size=16, micro_batch=8, accum_steps=2, seed=3)
@@ -168,14 +157,15 @@ def test_export_lists_depth_stages(exported):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_a_depth_stage_trains_like_torch(exported, shard, k):
+def test_a_depth_stage_trains_like_torch(exported, shard_1x12x12, k):
     net, folder, manifest = exported
     arrays = manifest.initial_weights(folder)
     stage = manifest.stage(f"depth-{k}")
     t = task(manifest, arrays, stage.name)
     ort = train_round(OrtStage(folder, manifest, stage.name), stage, dataclasses.replace(t, weights=dict(t.weights)),
-                      shard)
-    ref = train_round(EagerStage(copy.deepcopy(net), StageSpec("depth", k), dtype=torch.float64), stage, t, shard)
+                      shard_1x12x12)
+    ref = train_round(EagerStage(copy.deepcopy(net), StageSpec("depth", k), dtype=torch.float64), stage, t,
+                      shard_1x12x12)
     assert set(ort.weights) == set(stage.updated_names)
     for name, value in ort.weights.items():
         assert not np.array_equal(value, arrays[name]), f"{name} did not move"
@@ -260,7 +250,8 @@ def test_the_server_evaluates_the_deepest_classifier_the_fleet_trains(exported):
 
 def test_plan_needs_the_full_depth_stage(exported):
     _, _, manifest = exported
-    cut = dataclasses.replace(manifest, stages=[s for s in manifest.stages if s.name != f"depth-{len(manifest.stages) - 1}"])
+    deepest = f"depth-{len(manifest.stages) - 1}"
+    cut = dataclasses.replace(manifest, stages=[s for s in manifest.stages if s.name != deepest])
     with pytest.raises(ManifestError, match="full-depth stage"):
         make_plan("depthfl", cut, PlanConfig())
     with pytest.raises(ManifestError, match="--stages depth"):

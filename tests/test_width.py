@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from progfl.device_runtime.ort_backend import OrtStage
-from progfl.device_runtime.shard import Shard
 from progfl.device_runtime.trainer import train_round
 from progfl.exporter import export_model
 from progfl.exporter.eager import EagerStage
-from progfl.manifest import DeviceClass, Manifest, ManifestError, MemoryPoint, ParamSpec, Stage, TensorSpec, TrainTask, TrainUpdate
+from progfl.manifest import (DeviceClass, Manifest, ManifestError, MemoryPoint, ParamSpec, Stage, TensorSpec, TrainTask,
+                             TrainUpdate)
 from progfl.models import StageSpec, build_model, build_stage, sliced_axes, width_model
 from progfl.server.plans import PlanConfig, make_plan
 from progfl.server.selection import DeviceInfo
@@ -161,7 +161,8 @@ def test_fedrolex_rolls_its_window_and_heterofl_does_not():
     whole = full.state_dict()[name].shape
     rows = lambda offset: stage.slice_index(name, whole, offset)[0].tolist()  # noqa: E731
     assert rows(0) == list(range(8)) and rows(1) == list(range(1, 9)) and rows(60) == [60, 61, 62, 63, 0, 1, 2, 3]
-    assert make_plan("fedrolex", m, PlanConfig()).offset(7) == 7 and make_plan("heterofl", m, PlanConfig()).offset(7) == 0
+    assert make_plan("fedrolex", m, PlanConfig()).offset(7) == 7
+    assert make_plan("heterofl", m, PlanConfig()).offset(7) == 0
 
 
 def test_allsmall_trains_the_widest_its_smallest_device_holds_and_keeps_it():
@@ -214,16 +215,6 @@ def exported(tmp_path_factory):
     return net, folder, manifest
 
 
-@pytest.fixture
-def shard(tmp_path):
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "shard.npz", x=rng.standard_normal((48, *SHAPE)).astype(np.float32),
-             y=rng.integers(0, 10, 48).astype(np.int64))
-    with Shard(tmp_path / "shard.npz") as s:
-        s.validate(list(SHAPE), 10)
-        yield s
-
-
 def task(manifest: Manifest, arrays: dict[str, np.ndarray], stage: str, offset: int = 0) -> TrainTask:
     s = manifest.stage(stage)
     return TrainTask(round=1, stage=stage, manifest_sha256="", weights=s.take(arrays, manifest, offset), lr=0.05,
@@ -244,25 +235,27 @@ def test_export_lists_width_stages_with_their_slices(exported):
         dataclasses.replace(manifest, stages=[full_cut, *manifest.stages[1:]]).validate()
 
 
-def test_width_one_trains_exactly_as_the_full_stage(exported, shard):
+def test_width_one_trains_exactly_as_the_full_stage(exported, shard_1x12x12):
     _, folder, manifest = exported
     arrays = manifest.initial_weights(folder)
-    one = train_round(OrtStage(folder, manifest, "width-1"), manifest.stage("width-1"), task(manifest, arrays, "width-1"),
-                      shard)
-    full = train_round(OrtStage(folder, manifest, "full"), manifest.stage("full"), task(manifest, arrays, "full"), shard)
+    one = train_round(OrtStage(folder, manifest, "width-1"), manifest.stage("width-1"),
+                      task(manifest, arrays, "width-1"), shard_1x12x12)
+    full = train_round(OrtStage(folder, manifest, "full"), manifest.stage("full"), task(manifest, arrays, "full"),
+                       shard_1x12x12)
     assert one.weights.keys() == full.weights.keys()
     for name in full.weights:
         np.testing.assert_array_equal(one.weights[name], full.weights[name], err_msg=name)
 
 
 @pytest.mark.parametrize("d,offset", [(2, 0), (4, 3)])
-def test_a_sub_model_trains_like_torch_on_its_slice(exported, shard, d, offset):
+def test_a_sub_model_trains_like_torch_on_its_slice(exported, shard_1x12x12, d, offset):
     net, folder, manifest = exported
     arrays = manifest.initial_weights(folder)
     stage = manifest.stage(f"width-{d}")
     t = task(manifest, arrays, stage.name, offset)
     ort = train_round(OrtStage(folder, manifest, stage.name), stage, dataclasses.replace(t, weights=dict(t.weights)),
-                      shard)
-    ref = train_round(EagerStage(width_model(net, d), StageSpec("width", d), dtype=torch.float64), stage, t, shard)
+                      shard_1x12x12)
+    ref = train_round(EagerStage(width_model(net, d), StageSpec("width", d), dtype=torch.float64), stage, t,
+                      shard_1x12x12)
     for name, value in ort.weights.items():
         np.testing.assert_allclose(value, ref.weights[name], atol=1e-4, rtol=1e-4, err_msg=name)

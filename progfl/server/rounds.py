@@ -99,6 +99,13 @@ class Round:
 RUN_MARKER = "run.json"  # a run folder's settings, written before anything else
 
 
+def check_new_run_folder(run: Path) -> None:
+    """A new run starts in a missing or empty folder, never over another run (progfl compare checks every plan's
+    folder with this before the first one runs)."""
+    if run.exists() and any(run.iterdir()):
+        raise ValueError(f"{run}: run folder exists and is not empty (use --resume to continue a run)")
+
+
 class Stopped(Exception):
     """The run was stopped on purpose after a round (tests; a user presses Ctrl-C instead)."""
 
@@ -120,8 +127,8 @@ class RoundEngine:
         if self._restarted:
             self._check_marker()  # stopped before its first checkpoint: it starts again, on the data it prepared
             resume = False
-        elif not resume and self.run.exists() and any(self.run.iterdir()):
-            raise ValueError(f"{self.run}: run folder exists and is not empty (use --resume to continue a run)")
+        elif not resume:
+            check_new_run_folder(self.run)
         self.resume, self._created = resume, not self.run.exists()
         self.run.mkdir(parents=True, exist_ok=True)
         if not (self.run / RUN_MARKER).exists():
@@ -191,19 +198,18 @@ class RoundEngine:
     def configure(self, devices: list[DeviceInfo]) -> Round:
         """This round's (device, task) pairs, chosen by the plan among the devices known now (in id order: on Flower
         the nodes answer in any order, and the choice must not depend on it)."""
-        began = time.perf_counter()
+        started = time.perf_counter()
         devices = sorted(devices, key=lambda d: d.id)
         for d in devices:
             seen = (d.budget_mb, d.baseline_mb)
             if self.fleet.get(d.id) != seen:
                 self.fleet[d.id], self._fleet_json = seen, None
-        started = time.perf_counter()
         rng = restore_rng(self.state.rng)
         eligible = len(self.plan.candidates(devices, self.state))
         tasks = self.plan.configure_train(self.state, devices, rng)
         self.state.rng = rng.bit_generator.state
         return Round(self.state.round + 1, self.plan.stage(self.state).name, eligible, tasks, started,
-                     time.perf_counter() - began)
+                     time.perf_counter() - started)
 
     def aggregate(self, rnd: Round, results: list[tuple[DeviceInfo, TrainUpdate]],
                   failed: list[tuple[int, str]], late: list[Late] | None = None) -> dict[str, Any]:

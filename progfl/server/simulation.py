@@ -76,17 +76,10 @@ class SimConfig(RunSettings):
         if self.fleet is not None and (len(self.fleet) != self.devices or not min(self.fleet) > 0):
             raise ValueError(f"the fleet lists {len(self.fleet)} budgets for {self.devices} devices (one per device, "
                              f"all > 0 MB)")
-        plan.check_fleet(_fleet_bounds(self.budgets(manifest)))
+        plan.check_fleet([DeviceInfo(i, b, 0, np.zeros(0)) for i, b in enumerate(self.budgets(manifest))])
 
     def budgets(self, manifest: Manifest) -> list[float]:
         return self.fleet or profl_fleet(manifest, self.devices, np.random.default_rng([self.seed, 1]), self.full_share)
-
-
-def _fleet_bounds(budgets: list[float]) -> list[DeviceInfo]:
-    """The fleet's smallest and largest budget as two devices, for Plan.check_fleet: whether any device holds a stage
-    depends on the largest budget alone (a larger budget holds whatever a smaller one does), and the message names
-    the range. Two sizings instead of one per device (size_stage takes ~0.1 ms; 10,000 devices, several stages)."""
-    return [DeviceInfo(0, min(budgets), 0, np.zeros(0)), DeviceInfo(1, max(budgets), 0, np.zeros(0))]
 
 
 def _train_device(artifacts: str, shard: str, cache_dir: str | None, task: TrainTask) -> TrainUpdate:
@@ -161,7 +154,7 @@ def run_simulation(cfg: SimConfig, resume: bool = False, quiet: bool = False, st
     engine = RoundEngine(cfg, resume, quiet=quiet, stop_after=stop_after)
     try:
         data = open_data(cfg, engine.manifest, engine.run)
-        engine.plan.check_fleet(_fleet_bounds([d.budget_mb for d in data.devices]))  # those that hold data
+        engine.plan.check_fleet(data.devices)  # those that hold data
     except BaseException:
         engine.abandon()
         raise

@@ -21,11 +21,11 @@ class AllSmall(WidthPlan):
     def candidates(self, devices: list[DeviceInfo], state: ServerState) -> list[DeviceInfo]:
         if "sub_model" not in state.plan_state and devices:
             smallest = min(devices, key=lambda d: (d.budget_mb, d.id))
-            fits = [s for s in self.widths if self.sizing(smallest, s).fits]
-            state.plan_state["sub_model"] = (fits[0] if fits else self.widths[-1]).name
+            fits = [s for s in self.sub_models if self.sizing(smallest, s).fits]
+            state.plan_state["sub_model"] = (fits[0] if fits else self.sub_models[-1]).name
             if not fits:
                 log.warning("allsmall: the smallest device (%g MB) holds no sub-model: %s, the narrowest, is trained by "
-                            "the devices that hold it", smallest.budget_mb, self.widths[-1].name)
+                            "the devices that hold it", smallest.budget_mb, self.sub_models[-1].name)
         return super().candidates(devices, state)
 
     def stage(self, state: ServerState) -> Stage:

@@ -18,7 +18,7 @@ from ...manifest import Manifest, ManifestError, Stage, TrainTask, TrainUpdate
 from ..aggregate import Aggregator, distant_updates, opposed_updates
 from ..fleet import required_mb
 from ..pace import PaceConfig, PaceController
-from ..selection import DeviceInfo, Selector, UniformSelector, eligible
+from ..selection import DeviceInfo, Selector, StageSizer, UniformSelector, eligible
 from ..settings import parse_settings
 from ..state import ServerState
 
@@ -142,7 +142,8 @@ class Plan(ABC):
         if not stages or not devices:
             return
         m = self.manifest
-        if not any(d.sizing(m.stage(s), m.batch_size, m.safety_margin).fits for s in stages for d in devices):
+        sizers = [StageSizer(m.stage(s), m.batch_size, m.safety_margin) for s in stages]  # 10,000 devices: cheap
+        if not any(size(d).fits for size in sizers for d in devices):
             need = round(min(required_mb(m, s) for s in stages), 1)
             budgets = [d.budget_mb for d in devices]
             raise ValueError(f"plan {self.name}: no device of the fleet (budgets {min(budgets):g}..{max(budgets):g} MB) "
@@ -180,15 +181,7 @@ class Plan(ABC):
         expected = [p for p in stage.params if p.name in set(stage.updated_names)]
         agg = Aggregator(expected, self.config.min_updates, state.round + 1, stage.name)
         ordered = sorted(results, key=lambda r: r[0].id)  # a fixed order: sums do not depend on arrival
-        valid = [(d.id, u) for d, u in ordered if agg.check(u) is None]
-        names = [p.name for p in expected]
-        far = {**opposed_updates(state.arrays, valid, names),
-               **distant_updates(state.arrays, valid, names, self.config.outlier_k)}
-        for d, u in ordered:
-            if d.id in far:
-                agg.reject(u, d.id, far[d.id])
-                continue
-            agg.add(u, d.id, max_samples=d.num_samples or None)  # 0: the server knows no count
+        self.admit(agg, ordered, state.arrays, [p.name for p in expected])
         result = agg.result()
         state.arrays = Aggregator.merge(state.arrays, result)
         state.round += 1
@@ -197,6 +190,22 @@ class Plan(ABC):
                   "kept_previous": result is None, "train_loss": agg.metrics().get("loss")}
         record.update(self._advance(state, stage))
         return record
+
+    def admit(self, agg: Aggregator, ordered: list[tuple[DeviceInfo, TrainUpdate]], reference: dict[str, np.ndarray],
+              names: list[str]) -> list[tuple[DeviceInfo, TrainUpdate]]:
+        """Add to `agg` the updates that pass its checks and the outlier rules (pointing away from `reference`, the
+        global arrays as the updates' stage holds them, or far from it against the round's median, over `names`);
+        the others are dropped with their reason. Returns the added ones, in order."""
+        valid = [(d.id, u) for d, u in ordered if agg.check(u) is None]
+        far = {**opposed_updates(reference, valid, names),
+               **distant_updates(reference, valid, names, self.config.outlier_k)}
+        added = []
+        for d, u in ordered:
+            if d.id in far:
+                agg.reject(u, d.id, far[d.id])
+            elif agg.add(u, d.id, max_samples=d.num_samples or None) is None:  # 0: the server knows no count
+                added.append((d, u))
+        return added
 
     def _advance(self, state: ServerState, stage: Stage) -> dict[str, Any]:
         i, phase = state.plan_state["phase"], self.phase(state)

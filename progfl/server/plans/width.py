@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...manifest import ManifestError, Sizing, Stage, TrainTask, TrainUpdate
-from ..aggregate import Aggregator, SliceAverage, distant_updates, opposed_updates
+from ..aggregate import Aggregator, SliceAverage
 from ..fleet import required_mb
 from ..selection import DeviceInfo, StageSizer, UniformSelector
 from ..state import ServerState
@@ -60,9 +60,8 @@ class SubModelPlan(Plan):
 
     def check_fleet(self, devices: list[DeviceInfo]) -> None:
         """Refuse a fleet in which no device holds even the smallest sub-model."""
-        m = self.manifest
         if devices and not any(self.sizing(d, s).fits for s in self.sub_models for d in devices):
-            need = round(min(required_mb(m, s.name) for s in self.sub_models), 1)
+            need = round(min(required_mb(self.manifest, s.name) for s in self.sub_models), 1)
             raise ValueError(f"plan {self.name}: no device of the fleet (budgets {min(d.budget_mb for d in devices):g}.."
                              f"{max(d.budget_mb for d in devices):g} MB) holds a sub-model; the smallest needs "
                              f"{need:g} MB")
@@ -119,14 +118,8 @@ class SubModelPlan(Plan):
             expected = [p for p in stage.params if p.name in set(stage.updated_names)]
             agg = Aggregator(expected, 1, r, stage.name)
             cut = stage.take(state.arrays, m, self.offset(r))
-            valid = [(d.id, u) for d, u in members if agg.check(u) is None]
-            names = stage.trainable_names
-            far = {**opposed_updates(cut, valid, names), **distant_updates(cut, valid, names, self.config.outlier_k)}
-            for d, u in members:
-                if d.id in far:
-                    agg.reject(u, d.id, far[d.id])
-                elif agg.add(u, d.id, max_samples=d.num_samples or None) is None:
-                    accepted.append((d, u, stage, agg.weights[d.id]))
+            accepted += [(d, u, stage, agg.weights[d.id])
+                         for d, u in self.admit(agg, members, cut, stage.trainable_names)]
             dropped += agg.dropped
             if "loss" in agg.metrics():
                 losses.append((agg.metrics()["loss"], agg.total_samples))
@@ -158,7 +151,3 @@ class WidthPlan(SubModelPlan):
         if widths[0].block != 1:
             raise ManifestError(f"plan {self.name} needs the full-width stage width-1: export with --stages width")
         return widths
-
-    @property
-    def widths(self) -> list[Stage]:
-        return self.sub_models
