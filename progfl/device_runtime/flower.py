@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,14 @@ def _safe_path(root: Path, rel: str) -> Path:
     return p
 
 
+def _export_folder(artifacts_dir: Path, manifest_sha: str) -> Path:
+    """<artifacts_dir>/<manifest sha256>: the name comes from the server's message, so it must be a sha256 and
+    nothing else (a path such as ../x would read or write outside the cache)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", manifest_sha):
+        raise ManifestError(f"the task's manifest {manifest_sha[:80]!r} is not a sha256 (64 hex digits)")
+    return artifacts_dir / manifest_sha
+
+
 def held_stages(artifacts_dir: Path, backend: str = "ort") -> list[str]:
     """Stages whose `backend` files are present and intact in the cache: '<manifest sha>:<stage>' for each."""
     held = []
@@ -135,21 +144,22 @@ def held_stages(artifacts_dir: Path, backend: str = "ort") -> list[str]:
 
 
 def store_files(artifacts_dir: Path, manifest_sha: str, files: ArrayRecord, meta: ConfigRecord) -> Path:
-    """Write a stage's files into <artifacts_dir>/<manifest sha>/, each checked against its sha256 first."""
-    folder = artifacts_dir / manifest_sha
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write a stage's files into <artifacts_dir>/<manifest sha>/, all of them checked first (sha256, path, manifest):
+    a refused message writes nothing, not even the folder."""
+    folder = _export_folder(artifacts_dir, manifest_sha)
     if set(files) != set(meta):
         raise ManifestError("artifact files and their sha256 list do not match")
+    paths = {}
     for rel, arr in files.items():
-        data = arr.numpy().tobytes()
-        if hashlib.sha256(data).hexdigest() != meta[rel]:
+        if hashlib.sha256(arr.numpy().tobytes()).hexdigest() != meta[rel]:
             raise ManifestError(f"artifact {rel}: received bytes do not match their sha256")
         if rel == MANIFEST_NAME and meta[rel] != manifest_sha:
             raise ManifestError("received manifest is not the one the task names")
-        path = _safe_path(folder, rel)
+        paths[rel] = _safe_path(folder, rel)
+    for rel, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != meta[rel]:
-            write_atomic(path, data)
+            write_atomic(path, files[rel].numpy().tobytes())
     return folder
 
 
@@ -220,7 +230,7 @@ def query(msg: Message, context: Context, fleet: str | None = None) -> Message:
 
 
 def _artifacts(node: NodeSettings, manifest_sha: str) -> Path:
-    folder = node.artifacts_dir / manifest_sha
+    folder = _export_folder(node.artifacts_dir, manifest_sha)
     if not (folder / MANIFEST_NAME).exists():
         raise ManifestError(f"no artifacts for manifest {manifest_sha[:12]} in {node.artifacts_dir}")
     return folder
