@@ -21,6 +21,8 @@ from progfl.server.plans import PLANS
 from progfl.server.simulation import SimConfig, Stopped, run_simulation
 from progfl.server.state import load_state
 
+from fleets import budgets_above
+
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
@@ -32,12 +34,19 @@ def artifacts(tmp_path_factory):
     return folder
 
 
-FLEET = [75.0, 79.0, 82.0, 85.0, 90.0, 120.0]  # the tiny model's stages need ~73-78 MB (runtime baseline)
+# Six budgets, MB above what the cheapest grow stage needs: derived from the export's measured peaks, so each keeps its
+# place among the stages' needs when the runtime's baseline moves (the first fleet, 75..120 MB, was copied from one
+# measurement at ~73.6-77 MB a stage). The smallest holds only the cheapest stages, the largest every stage.
+ABOVE_NEED = (1.5, 5.0, 8.0, 11.0, 16.0, 46.0)
+
+
+def fleet_for(artifacts) -> list[float]:
+    return budgets_above(artifacts, ABOVE_NEED)
 
 
 def config(artifacts, out, plan, **kw) -> SimConfig:
     base = dict(plan=plan, artifacts=str(artifacts), out=str(out), dataset="digits", devices=6, per_round=3,
-                rounds=2, lr=0.05, epochs=1, workers=2, seed=1, fleet=FLEET, pace={"window": 2, "slope_window": 2, "min_rounds": 1})
+                rounds=2, lr=0.05, epochs=1, workers=2, seed=1, fleet=fleet_for(artifacts), pace={"window": 2, "slope_window": 2, "min_rounds": 1})
     return SimConfig(**{**base, **kw})
 
 
@@ -94,10 +103,11 @@ def test_resume_gives_the_same_weights(artifacts, tmp_path):
 
 
 def test_a_fleet_that_fits_no_stage_is_refused(artifacts, tmp_path):
-    """Every round would run without participants: refused before the run folder exists."""
+    """Every round would run without participants: refused before the run folder exists. The budgets are 1-3 MB
+    below what the cheapest stage needs (derived: with copied numbers a smaller runtime would make them fit)."""
+    below = budgets_above(artifacts, (-3.0, -2.0, -1.0), kinds=None)
     with pytest.raises(ValueError, match="no device of the fleet .* can hold any of its stages"):
-        run_simulation(config(artifacts, tmp_path / "none", "exclusive", devices=3, fleet=[60.0, 61.0, 62.0]),
-                       quiet=True)
+        run_simulation(config(artifacts, tmp_path / "none", "exclusive", devices=3, fleet=below), quiet=True)
     assert not (tmp_path / "none").exists()
 
 
@@ -120,7 +130,7 @@ def test_divergence_stops_the_run_with_exit_code_2(artifacts, tmp_path):
     from progfl.cli import main
 
     fleet = tmp_path / "fleet.json"
-    fleet.write_text(json.dumps(FLEET))
+    fleet.write_text(json.dumps(fleet_for(artifacts)))
     out = tmp_path / "nan"
     result = CliRunner().invoke(main, [
         "simulate", "--plan", "fedavg", "--artifacts", str(artifacts), "--out", str(out), "--dataset", "digits",
@@ -164,7 +174,7 @@ def test_compare_runs_every_plan_when_one_diverges(artifacts, tmp_path):
     from progfl.cli import main
 
     fleet = tmp_path / "fleet.json"
-    fleet.write_text(json.dumps(FLEET))
+    fleet.write_text(json.dumps(fleet_for(artifacts)))
     out = tmp_path / "cmp"
     result = CliRunner().invoke(main, [
         "compare", "--plans", "fedavg,exclusive", "--artifacts", str(artifacts), "--out", str(out), "--dataset",
@@ -186,7 +196,7 @@ def test_compare_reports_every_progressive_and_width_baseline_row(artifacts, tmp
 
     plans = ["profl", "exclusive", "heterofl", "fedrolex", "allsmall"]
     fleet = tmp_path / "fleet.json"
-    fleet.write_text(json.dumps(FLEET))
+    fleet.write_text(json.dumps(fleet_for(artifacts)))
     out = tmp_path / "cmp"
     result = CliRunner().invoke(main, [
         "compare", "--plans", ",".join(plans), "--artifacts", str(artifacts), "--out", str(out), "--dataset", "digits",
@@ -224,7 +234,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_simulate_refuses_bad_input_before_any_work(artifacts, tmp_path, args, message):
     """One line on stderr, exit 2, and nothing written: no run folder, no data, no round."""
     fleet = tmp_path / "fleet.json"
-    budgets = [10.0, 11.0] if "--fleet-budgets" in args else FLEET[:2]
+    budgets = [10.0, 11.0] if "--fleet-budgets" in args else fleet_for(artifacts)[:2]
     args = [a for a in args if a not in ("--fleet-budgets", "10,11")]
     fleet.write_text(json.dumps(budgets))
     out = tmp_path / "run"
@@ -266,7 +276,7 @@ def test_device_never_writes_a_diverged_update(artifacts, tmp_path):
 def _start_simulate(artifacts, tmp_path, out, rounds: int) -> subprocess.Popen:
     """`progfl simulate` in its own session (a terminal's Ctrl-C reaches its whole process group)."""
     fleet = tmp_path / "fleet.json"
-    fleet.write_text(json.dumps(FLEET))
+    fleet.write_text(json.dumps(fleet_for(artifacts)))
     return subprocess.Popen(
         [sys.executable, "-m", "progfl.cli", "simulate", "--plan", "fedavg", "--artifacts", str(artifacts), "--out",
          str(out), "--dataset", "digits", "--fleet", str(fleet), "--per-round", "3", "--rounds", str(rounds),

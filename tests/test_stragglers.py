@@ -25,7 +25,9 @@ from progfl.server.selection import DeviceInfo
 from progfl.server.simulation import SimConfig, Stopped, run_simulation
 from progfl.server.state import ServerState, load_state
 
-FLEET = [75.0, 79.0, 82.0, 85.0, 90.0, 120.0]  # as tests/test_simulation.py: every budget holds some stage
+from fleets import budgets_above
+
+ABOVE_NEED = (1.5, 5.0, 8.0, 11.0, 16.0, 46.0)  # as tests/test_simulation.py: MB above the cheapest grow stage's need
 PACE = {"window": 2, "slope_window": 2, "min_rounds": 1}
 
 
@@ -38,9 +40,15 @@ def artifacts(tmp_path_factory):
     return folder
 
 
+def fleet_for(artifacts) -> list[float]:
+    """Every budget holds some stage."""
+    return budgets_above(artifacts, ABOVE_NEED)
+
+
 def config(artifacts, out, **kw) -> SimConfig:
     base = dict(plan="fedavg", artifacts=str(artifacts), out=str(out), dataset="digits", devices=6, per_round=4,
-                rounds=1, lr=0.05, epochs=1, workers=2, seed=1, fleet=FLEET, pace=PACE, speed_spread=1.0)
+                rounds=1, lr=0.05, epochs=1, workers=2, seed=1, fleet=fleet_for(artifacts), pace=PACE,
+                speed_spread=1.0)
     return SimConfig(**{**base, **kw})
 
 
@@ -187,7 +195,7 @@ def test_flower_stops_waiting_at_the_deadline():
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
 def test_bad_deadline_is_one_line_and_exit_2(artifacts, tmp_path, value):
     fleet = tmp_path / "fleet.json"
-    fleet.write_text(json.dumps(FLEET))
+    fleet.write_text(json.dumps(fleet_for(artifacts)))
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "progfl.cli", "simulate", "--artifacts", str(artifacts), "--out",
                         str(out), "--dataset", "digits", "--fleet", str(fleet), "--deadline", value],
