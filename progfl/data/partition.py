@@ -164,7 +164,7 @@ def by_group(groups: np.ndarray, n_devices: int) -> list[np.ndarray]:
 def held_out(y: np.ndarray, label_histograms: list[np.ndarray], size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Each device's own held-out set for federated evaluation: `size` samples of a test set drawn with the label
     mix of the device's training data (its histogram), without replacement within a device; devices may share
-    samples. A device whose training data has no labels gets a uniform draw."""
+    samples. A device whose training data has no labels, or only classes the test set lacks, gets a uniform draw."""
     if size < 1 or size > len(y):
         raise DataError(f"held-out size must be in [1, {len(y)}], got {size}")
     parts = []
@@ -173,6 +173,8 @@ def held_out(y: np.ndarray, label_histograms: list[np.ndarray], size: int, rng: 
         h[: len(hist)] = np.asarray(hist, np.float64)[: len(h)]
         p = h[y] / np.bincount(y, minlength=len(h))[y] if h.sum() > 0 else np.ones(len(y))
         p = np.where(p > 0, p, 0.0)
+        if not p.any():  # the device's classes are all missing from this test set (p / 0 below otherwise)
+            p = np.ones(len(y))
         k = min(size, int(np.count_nonzero(p)))
         parts.append(np.sort(rng.choice(len(y), size=k, replace=False, p=p / p.sum())).astype(np.int64))
     return parts
