@@ -14,20 +14,29 @@ from torch import nn
 
 
 class GroupNorm(nn.Module):
+    """torch's GroupNorm in primitive ops, with no shape read from the input at run time. Reshaping x by its own
+    shape exports Shape/Gather/Concat ops, and ORT 1.19's gradient of a Mul fed through them broke once two such
+    norms were in one training graph (a full stage segfaulted at its first step; without graph optimizations:
+    "Can broadcast 0 by 0 or 1"). Here only the per-channel means are regrouped, by -1 and constant sizes."""
+
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
         super().__init__()
-        self.num_groups, self.eps = num_groups, eps
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[0], x.shape[1]
-        g = x.reshape(n, self.num_groups, -1)
-        mean = g.mean(dim=2, keepdim=True)
-        var = ((g - mean) ** 2).mean(dim=2, keepdim=True)
-        g = (g - mean) / torch.sqrt(var + self.eps)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        return g.reshape(x.shape) * self.weight.reshape(shape) + self.bias.reshape(shape)
+        centred = x - self._group_mean(x)
+        x = centred / torch.sqrt(self._group_mean(centred * centred) + self.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+    def _group_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of t (N, C, ...) over each group's channels and positions, per channel: (N, C, 1, ...). Exact
+        as a mean of channel means, since every channel of a group has as many positions."""
+        per_group = self.num_channels // self.num_groups
+        m = t.mean(dim=tuple(range(2, t.dim()))).reshape(-1, self.num_groups, per_group).mean(dim=2, keepdim=True)
+        return m.repeat(1, 1, per_group).reshape((-1, self.num_channels) + (1,) * (t.dim() - 2))
 
 
 class LayerNorm(nn.Module):
