@@ -48,4 +48,4 @@ mutation: $(STAMP)
 	$(PY) tools/mutation_score.py --list all-not-killed
 
 clean:
-	rm -rf $(VENV) runs benchmarks/out .arm .et-venv
+	rm -rf $(VENV) runs benchmarks/out .arm .et-venv mutants .hypothesis

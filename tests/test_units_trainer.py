@@ -435,17 +435,20 @@ def test_only_the_stages_own_frozen_files_are_digested(tmp_path: Path, validated
             assert len(eng.fed) == 2
 
 
-def test_a_persistent_cache_needs_no_scratch_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_a_validated_shard_uses_scratch_only_without_a_cache(tmp_path: Path, with_cache: bool) -> None:
+    """With a data digest and a cache the frozen outputs persist there and no scratch file is made; a digest alone
+    does not make them persistent: with no cache they live in scratch for the round, removed after it."""
     write_shard(tmp_path / "s.npz", 10)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
+    cache = FeatureCache(tmp_path / "c") if with_cache else None
     with Shard(tmp_path / "s.npz") as shard:
         shard.validate(list(SAMPLE), 3)
         eng = FakeEngine()
         eng.scratch = scratch
-        train_round(eng, make_stage(files=("prefix",)), task(10, 10), shard, cache=FeatureCache(tmp_path / "c"),
-                    scratch=str(scratch))
-    assert eng.seen_scratch == [[]]
+        train_round(eng, make_stage(files=("prefix",)), task(10, 10), shard, cache=cache, scratch=str(scratch))
+    assert len(eng.seen_scratch[0]) == (0 if with_cache else 1) and list(scratch.iterdir()) == []
 
 
 def test_unvalidated_shard_never_touches_the_cache_and_scratch_is_cleaned(tmp_path: Path) -> None:
@@ -464,19 +467,6 @@ def test_unvalidated_shard_never_touches_the_cache_and_scratch_is_cleaned(tmp_pa
             assert len(eng.seen_scratch[0]) == 1 and eng.seen_scratch[0][0].startswith("progfl-features-")
             assert list(scratch.iterdir()) == []
     assert list((tmp_path / "cache").iterdir()) == [] and cache.hits == cache.misses == 0
-
-
-def test_validated_shard_without_a_cache_uses_a_scratch_folder(tmp_path: Path) -> None:
-    """A digest alone does not make the outputs persistent: with no cache they live in scratch for the round."""
-    write_shard(tmp_path / "s.npz", 10)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    with Shard(tmp_path / "s.npz") as shard:
-        shard.validate(list(SAMPLE), 3)
-        eng = FakeEngine()
-        eng.scratch = scratch
-        train_round(eng, make_stage(files=("prefix",)), task(10, 10), shard, scratch=str(scratch))
-    assert len(eng.seen_scratch[0]) == 1 and list(scratch.iterdir()) == []
 
 
 @pytest.mark.parametrize("where", ["features", "accumulate"])
