@@ -108,10 +108,8 @@ def check_stage_matches_torch(model: nn.Module, folder, manifest: Manifest, name
     trip ORT -> server -> torch -> ORT."""
     stage = manifest.stage(name)
     w = nontrivial_weights(manifest, folder)
-    ort = OrtStage(folder, manifest, stage.name)
-    eager = EagerStage(copy.deepcopy(model), parse_stage_name(stage.name), dtype=torch.float64)
-    ort.set_weights(w)
-    eager.set_weights(w)
+    run = Lockstep(model, folder, manifest, stage.name, w)
+    ort, eager = run.ort, run.e64
     rng = np.random.default_rng(stage.index)
     x, y = batch(manifest, rng)
     np.testing.assert_allclose(ort.features(x), eager.features(x), atol=1e-5, rtol=1e-5, err_msg=stage.name)
@@ -120,12 +118,12 @@ def check_stage_matches_torch(model: nn.Module, folder, manifest: Manifest, name
         np.testing.assert_allclose(ort.teacher(f), eager.teacher(f), atol=1e-5, rtol=1e-5, err_msg=stage.name)
     np.testing.assert_allclose(ort.predict(x), eager.predict(x), atol=1e-5, rtol=1e-5, err_msg=stage.name)
 
-    run = Lockstep(model, folder, manifest, stage.name, w)
     checks = []
     for step in range(10):  # 10 SGD steps as in the papers (lr 0.01, momentum 0.9, weight decay 5e-4)
-        checks += run.step(lambda: inputs_for(run.ort, *batch(manifest, rng)), LR, step)
-    assert not failures(checks), f"{stage.name}: {failures(checks)}"
-    trained = run.ort.get_weights()
+        checks += run.step(lambda: inputs_for(ort, *batch(manifest, rng)), LR, step)
+    bad = failures(checks)
+    assert not bad, f"{stage.name}: {bad}"
+    trained = ort.get_weights()
     assert set(trained) == set(stage.updated_names)
     moved = max(float(np.abs(v - w[n]).max()) for n, v in trained.items())
     assert moved > 1e-5, f"{stage.name}: training did not change the weights"

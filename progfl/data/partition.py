@@ -167,13 +167,13 @@ def held_out(y: np.ndarray, label_histograms: list[np.ndarray], size: int, rng: 
     samples. A device whose training data has no labels, or only classes the test set lacks, gets a uniform draw."""
     if size < 1 or size > len(y):
         raise DataError(f"held-out size must be in [1, {len(y)}], got {size}")
+    counts = np.bincount(y)  # >= 1 for every label in y
     parts = []
     for hist in label_histograms:
-        h = np.zeros(int(y.max()) + 1)
+        h = np.zeros(len(counts))
         h[: len(hist)] = np.asarray(hist, np.float64)[: len(h)]
-        p = h[y] / np.bincount(y, minlength=len(h))[y] if h.sum() > 0 else np.ones(len(y))
-        p = np.where(p > 0, p, 0.0)
-        if not p.any():  # the device's classes are all missing from this test set (p / 0 below otherwise)
+        p = np.where(h[y] > 0, h[y] / counts[y], 0.0)
+        if not p.any():  # no labels, or none the test set has: uniform
             p = np.ones(len(y))
         k = min(size, int(np.count_nonzero(p)))
         parts.append(np.sort(rng.choice(len(y), size=k, replace=False, p=p / p.sum())).astype(np.int64))
